@@ -1,0 +1,73 @@
+"""Row operations on TRL's generation batch (the dict `_generate_and_score_completions` returns).
+
+Stages that drop rollouts (pruning, the zero-variance gate, HES selection) remove rows here, so that log-prob and
+backward cost shrink with them, while every shape TRL relies on stays valid:
+
+- every per-rollout entry (tensors whose first dim is the local row count, and lists of that length) is indexed the
+  same way; `num_items_in_batch` (the gathered completion-token count that dapo-style losses divide by) is recounted
+  over what is kept, on every process;
+- a process keeps at least `min_rows` rows (by default `steps_per_generation`, so each gradient-accumulation micro
+  step has a row): if fewer survive, dropped rows are kept as inert padding with their completion mask and
+  advantage zeroed, which contributes exactly zero to every TRL loss. Processes may hold different row counts; DDP
+  all-reduces gradients whatever the local batch size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def local_row_count(batch: dict[str, Any]) -> int:
+    """Rows (rollouts) of this process in a generation batch."""
+    return int(batch["completion_ids"].shape[0])
+
+
+def index_rows(batch: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
+    """Entries of `batch` restricted to the rows `index` (`[M]` long tensor; repeats allowed)."""
+    n = local_row_count(batch)
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
+            out[key] = value[index.to(value.device)]
+        elif isinstance(value, list) and len(value) == n:
+            out[key] = [value[i] for i in index.tolist()]
+        else:
+            out[key] = value
+    return out
+
+
+def keep_rows(batch: dict[str, Any], keep: torch.Tensor, accelerator: Any, min_rows: int = 1) -> dict[str, Any]:
+    """Drop the rows where `keep` (`[N_local]` bool) is False and recount `num_items_in_batch` over all processes.
+
+    Rows beyond what is kept are retained as zero-mask, zero-advantage padding only when fewer than `min_rows`
+    survive (see the module docstring).
+    """
+    keep = keep.to(torch.bool).cpu()
+    n = local_row_count(batch)
+    if keep.shape != (n,):
+        raise ValueError(f"keep_rows: keep has shape {tuple(keep.shape)}, expected ({n},)")
+    kept = torch.nonzero(keep).flatten()
+    padding = torch.nonzero(~keep).flatten()[: max(0, min_rows - kept.numel())]
+    out = index_rows(batch, torch.cat([kept, padding]))
+    if padding.numel():
+        inert = torch.zeros(kept.numel() + padding.numel(), dtype=torch.bool)
+        inert[kept.numel() :] = True
+        out["completion_mask"] = out["completion_mask"].masked_fill(
+            inert[:, None].to(out["completion_mask"].device), 0
+        )
+        out["advantages"] = out["advantages"].masked_fill(inert.to(out["advantages"].device), 0.0)
+    if "num_items_in_batch" in out:
+        local = out["completion_mask"].sum().to(torch.float32)
+        out["num_items_in_batch"] = accelerator.gather(local.reshape(1)).sum().to(batch["num_items_in_batch"].dtype)
+    return out
+
+
+def split_rows(batch: dict[str, Any], num_chunks: int) -> list[dict[str, Any]]:
+    """Split into `num_chunks` contiguous chunks whose sizes differ by at most one (TRL's split needs equal sizes)."""
+    n = local_row_count(batch)
+    if n < num_chunks:
+        raise ValueError(f"split_rows: {n} rows cannot fill {num_chunks} chunks")
+    bounds = torch.linspace(0, n, num_chunks + 1).round().long().tolist()
+    return [index_rows(batch, torch.arange(bounds[i], bounds[i + 1])) for i in range(num_chunks)]

@@ -1,0 +1,267 @@
+"""Configuration of `EfficientGRPOTrainer`.
+
+`EfficientGRPOConfig` inherits every field of `trl.GRPOConfig` unchanged and declares only the fields of the
+efficiency methods. With every method off (the default) the trainer behaves exactly like `trl.GRPOTrainer`.
+Each field is validated in `__post_init__`; a bad value raises `ValueError` naming the field and its allowed range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+_VLLM_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class EfficientGRPOConfig(GRPOConfig):
+    r"""
+    Configuration class for [`EfficientGRPOTrainer`].
+
+    Inherits every parameter of [`trl.GRPOConfig`]; the fields below are new.
+
+    Parameters:
+        vllm_dtype (`str`, *optional*, defaults to `"auto"`):
+            Weight/activation dtype of the colocated vLLM engine. `"auto"` matches the trainer's precision (float32
+            unless `bf16`/`fp16` is set), so the importance-sampling correction compares like with like; TRL itself
+            passes no dtype, and vLLM's CPU backend would then run bfloat16 under a float32 trainer.
+    """
+
+    vllm_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "dtype of the colocated vLLM engine: 'auto' (match the trainer: float32 unless bf16/fp16), "
+            "'float32', 'bfloat16' or 'float16'.",
+            "choices": list(_VLLM_DTYPES),
+        },
+    )
+
+    # ---- 1. HIVE prompt selection (namespace `selection/`) --------------------------------------------------------
+    selection_history: bool = field(
+        default=False,
+        metadata={"help": "HIVE stage 1: skip prompts whose recent groups were all-correct or all-wrong (GRESO)."},
+    )
+    selection_entropy: bool = field(
+        default=False,
+        metadata={"help": "HIVE stage 2: keep the candidates whose prompt entropy is at or above the pool median."},
+    )
+    selection_easy_threshold: float = field(
+        default=1.0, metadata={"help": "A visit is 'easy' when its group mean reward is >= this (all correct)."}
+    )
+    selection_hard_threshold: float = field(
+        default=0.0, metadata={"help": "A visit is 'hard' when its group mean reward is <= this (nothing correct)."}
+    )
+    selection_p_init: float = field(default=0.5, metadata={"help": "Initial p_easy and p_hard, in [0.05, 0.95]."})
+    selection_p_floor: float = field(
+        default=0.01, metadata={"help": "Skip probability is 1 - max(p ** z, p_floor), in [0, 1)."}
+    )
+    selection_target_zero_variance: float = field(
+        default=0.25,
+        metadata={"help": "Target share of zero-variance groups; 1/3 of it easy, 2/3 hard (GRESO), in (0, 1)."},
+    )
+    selection_entropy_keep_ratio: float = field(
+        default=0.5, metadata={"help": "Stage 2 keeps this share of the candidate pool (0.5 = median), in (0, 1]."}
+    )
+    selection_entropy_last_k: int | None = field(
+        default=None,
+        metadata={"help": "Prompt entropy over the last k prompt positions only; None = every prompt position."},
+    )
+    dynamic_sampling: bool = field(
+        default=False,
+        metadata={"help": "DAPO-style gate: drop groups with zero reward variance after scoring, refill from more."},
+    )
+    dynamic_sampling_max_rounds: int = field(
+        default=3, metadata={"help": "Most extra generation rounds per step to refill dropped groups (>= 1)."}
+    )
+
+    # ---- 2. ARRoL online rollout pruning (namespace `pruning/`) -------------------------------------------------
+    pruning: bool = field(
+        default=False,
+        metadata={"help": "ARRoL: score rollouts at L_detect tokens with a quality head and abort some in vLLM."},
+    )
+    pruning_mode: str = field(
+        default="arrol",
+        metadata={"help": "'arrol' (calibrated quality head) or 'random' (same keep rate, no head: a baseline)."},
+    )
+    pruning_l_detect: int = field(
+        default=512, metadata={"help": "Generated tokens at which a rollout is scored and maybe pruned (>= 1)."}
+    )
+    pruning_keep_rate: float = field(
+        default=0.5, metadata={"help": "kappa: expected share of rollouts reaching L_detect that survive, (0, 1]."}
+    )
+    pruning_lambda: float = field(default=0.5, metadata={"help": "lambda: weight of (rho - q) in p, >= 0."})
+    pruning_rho: float = field(default=0.5, metadata={"help": "rho: target positive ratio of kept groups, [0, 1]."})
+    pruning_p_min: float = field(default=0.25, metadata={"help": "Lower clip of the survival probability."})
+    pruning_p_max: float = field(default=0.75, metadata={"help": "Upper clip of the survival probability."})
+    pruning_num_bins: int = field(default=128, metadata={"help": "Calibration histogram bins (>= 2)."})
+    pruning_buffer_size: int = field(
+        default=4096, metadata={"help": "Scores kept per class in the calibration sliding buffer (>= 1)."}
+    )
+    pruning_cold_start_steps: int = field(
+        default=20, metadata={"help": "Optimizer steps without pruning while the head and buffers warm up (>= 0)."}
+    )
+    pruning_min_survivors: int = field(
+        default=2, metadata={"help": "A group never drops below this many rollouts (>= 1, <= num_generations)."}
+    )
+    pruning_head_lr: float = field(default=0.01, metadata={"help": "Learning rate of the quality head (> 0)."})
+    pruning_correct_threshold: float = field(
+        default=0.5, metadata={"help": "A finished rollout counts as correct for the head when reward > this."}
+    )
+
+    # ---- 3. Cost-aware minibatch sampling (namespace `cost/`) ----------------------------------------------------
+    cost_aware_sampling: bool = field(
+        default=False,
+        metadata={"help": "Fill minibatches by sampling rollouts with p ~ |A|/sqrt(tokens), importance-weighted."},
+    )
+    cost_alpha: float = field(
+        default=0.0, metadata={"help": "Smoothing: p = (1 - alpha) p* + alpha uniform, in [0, 1]."}
+    )
+    cost_num_draws: int | None = field(
+        default=None,
+        metadata={"help": "Rollouts drawn per generation batch; None = as many as vanilla TRL uses (all of them)."},
+    )
+
+    # ---- 4. V0.5 prior-fused baseline and adaptive rollout budget (namespace `budget/`) ---------------------------
+    budget_baseline: bool = field(
+        default=False,
+        metadata={"help": "V0.5: advantages against a shrinkage fusion of the group mean and a value prior."},
+    )
+    budget_prior: str = field(
+        default="history", metadata={"help": "Value prior: 'history' (the prompt's past group means, shrunk)."}
+    )
+    budget_adaptive: bool = field(
+        default=False,
+        metadata={"help": "V0.5 'rollout more': start at k_init rollouts and add more while they pay off."},
+    )
+    budget_k_init: int = field(default=4, metadata={"help": "Rollouts per prompt in the first round (>= 2)."})
+    budget_k_max: int = field(default=16, metadata={"help": "Most rollouts per prompt (>= k_init)."})
+    budget_cost: float = field(
+        default=0.0039, metadata={"help": "c: add a rollout while its estimated MSE drop exceeds this (> 0)."}
+    )
+    budget_reward_min: float = field(default=0.0, metadata={"help": "Lowest reward (mapped to -1 for V0.5)."})
+    budget_reward_max: float = field(default=1.0, metadata={"help": "Highest reward (mapped to +1 for V0.5)."})
+
+    # ---- 5. HES high-entropy-sum trajectory selection (namespace `hes/`) ------------------------------------------
+    hes_selection: bool = field(
+        default=False,
+        metadata={"help": "'Pos-High / Neg-Rand': keep the highest-HES correct rollouts and random incorrect ones."},
+    )
+    hes_keep_fraction: float = field(default=0.5, metadata={"help": "Share of rollouts kept for the loss, in (0, 1]."})
+    hes_quantile: float = field(
+        default=0.995, metadata={"help": "Token-entropy quantile: HES sums the tokens at or above it, in [0, 1)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._validate()
+
+    def _validate(self) -> None:
+        """Refuse bad values and incompatible combinations before any compute (errors name the field)."""
+        _choice("vllm_dtype", self.vllm_dtype, _VLLM_DTYPES)
+        _range(
+            "selection_easy_threshold",
+            self.selection_easy_threshold,
+            lo=self.selection_hard_threshold,
+            lo_open=True,
+            what="> selection_hard_threshold",
+        )
+        _range("selection_p_init", self.selection_p_init, 0.05, 0.95)
+        _range("selection_p_floor", self.selection_p_floor, 0.0, 1.0, hi_open=True)
+        _range("selection_target_zero_variance", self.selection_target_zero_variance, 0.0, 1.0, True, True)
+        _range("selection_entropy_keep_ratio", self.selection_entropy_keep_ratio, 0.0, 1.0, lo_open=True)
+        if self.selection_entropy_last_k is not None:
+            _range("selection_entropy_last_k", self.selection_entropy_last_k, 1)
+        _range("dynamic_sampling_max_rounds", self.dynamic_sampling_max_rounds, 1)
+        _choice("pruning_mode", self.pruning_mode, ("arrol", "random"))
+        _range("pruning_l_detect", self.pruning_l_detect, 1)
+        _range("pruning_keep_rate", self.pruning_keep_rate, 0.0, 1.0, lo_open=True)
+        _range("pruning_lambda", self.pruning_lambda, 0.0)
+        _range("pruning_rho", self.pruning_rho, 0.0, 1.0)
+        _range("pruning_p_min", self.pruning_p_min, 0.0, 1.0)
+        _range("pruning_p_max", self.pruning_p_max, self.pruning_p_min, 1.0, what="in [pruning_p_min, 1]")
+        _range("pruning_num_bins", self.pruning_num_bins, 2)
+        _range("pruning_buffer_size", self.pruning_buffer_size, 1)
+        _range("pruning_cold_start_steps", self.pruning_cold_start_steps, 0)
+        _range(
+            "pruning_min_survivors",
+            self.pruning_min_survivors,
+            1,
+            self.num_generations,
+            what=f"in [1, num_generations={self.num_generations}]",
+        )
+        _range("pruning_head_lr", self.pruning_head_lr, 0.0, lo_open=True)
+        _range("cost_alpha", self.cost_alpha, 0.0, 1.0)
+        if self.cost_num_draws is not None:
+            _range("cost_num_draws", self.cost_num_draws, 1)
+        _choice("budget_prior", self.budget_prior, ("history",))
+        _range("budget_k_init", self.budget_k_init, 2)
+        _range("budget_k_max", self.budget_k_max, self.budget_k_init, what="an int >= budget_k_init")
+        _range("budget_cost", self.budget_cost, 0.0, lo_open=True)
+        _range(
+            "budget_reward_max",
+            self.budget_reward_max,
+            self.budget_reward_min,
+            lo_open=True,
+            what="> budget_reward_min",
+        )
+        _range("hes_keep_fraction", self.hes_keep_fraction, 0.0, 1.0, lo_open=True)
+        _range("hes_quantile", self.hes_quantile, 0.0, 1.0, hi_open=True)
+        if self.pruning and not (self.use_vllm and self.vllm_mode == "colocate"):
+            raise ValueError(
+                "pruning=True aborts requests inside a colocated vLLM engine: it needs use_vllm=True and "
+                f"vllm_mode='colocate' (got use_vllm={self.use_vllm}, vllm_mode={self.vllm_mode!r})."
+            )
+
+    @property
+    def methods(self) -> list[str]:
+        """Names of the methods switched on, in pipeline order."""
+        switches = {
+            "selection_history": self.selection_history,
+            "selection_entropy": self.selection_entropy,
+            "pruning": self.pruning,
+            "dynamic_sampling": self.dynamic_sampling,
+            "budget_baseline": self.budget_baseline,
+            "budget_adaptive": self.budget_adaptive,
+            "hes_selection": self.hes_selection,
+            "cost_aware_sampling": self.cost_aware_sampling,
+        }
+        return [name for name, on in switches.items() if on]
+
+    def resolved_vllm_dtype(self) -> str:
+        """The dtype string handed to `vllm.LLM(dtype=...)`."""
+        if self.vllm_dtype != "auto":
+            return self.vllm_dtype
+        if self.bf16:
+            return "bfloat16"
+        if self.fp16:
+            return "float16"
+        return "float32"
+
+
+def _choice(name: str, value: object, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
+
+
+def _range(
+    name: str,
+    value: float,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    what: str | None = None,
+) -> None:
+    """Raise a ValueError naming `name` unless lo <(=) value <(=) hi."""
+    ok = value is not None and not isinstance(value, bool)
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value < hi if hi_open else value <= hi
+    if not ok:
+        if what is None:
+            left = "(" if lo_open else "["
+            right = ")" if hi_open else "]"
+            what = f"in {left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+        raise ValueError(f"{name} must be {what}, got {value!r}.")

@@ -1,0 +1,100 @@
+"""Where a step's seconds go, and how many rollouts and tokens were generated.
+
+`PhaseTimer.attach(trainer)` wraps a few methods of one trainer instance (vanilla `trl.GRPOTrainer` or
+`EfficientGRPOTrainer` alike; the class is not touched) and adds to the logged metrics, per optimizer step:
+
+- `time/generation`: `_generate_single_turn` (vLLM or transformers generation, weight sync included);
+- `time/reward`: `_calculate_rewards`;
+- `time/logprobs`: `_get_per_token_logps_and_entropies` calls made while preparing a generation batch (old /
+  reference log-probs), i.e. outside the loss;
+- `time/update`: the rest of `training_step` (loss forward, backward; optimizer steps are counted by the
+  Trainer outside `training_step` and are tiny here);
+- `rollouts/generated`, `rollouts/tokens_generated`: this step's completions and completion tokens;
+  `rollouts/cumulative`, `rollouts/cumulative_tokens`: since the start.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections import defaultdict
+from typing import Any
+
+
+class PhaseTimer:
+    """Per-phase wall-clock and generation counters for one trainer (see the module docstring)."""
+
+    PHASES = ("generation", "reward", "logprobs", "update")
+
+    def __init__(self) -> None:
+        self.total: dict[str, float] = defaultdict(float)
+        self._step: dict[str, float] = defaultdict(float)
+        self._in_generation_batch = False
+        self.rollouts = 0
+        self.tokens = 0
+
+    @classmethod
+    def attach(cls, trainer: Any) -> PhaseTimer:
+        timer = cls()
+        timer._wrap(trainer, "_generate_single_turn", "generation")
+        timer._wrap(trainer, "_calculate_rewards", "reward")
+        timer._wrap(trainer, "_get_per_token_logps_and_entropies", "logprobs", only_in_generation_batch=True)
+        original_gs = trainer._generate_and_score_completions
+        original_step = trainer.training_step
+
+        @functools.wraps(original_gs)
+        def generate_and_score(*args: Any, **kwargs: Any) -> Any:
+            timer._in_generation_batch = True
+            start = time.perf_counter()
+            try:
+                output = original_gs(*args, **kwargs)
+            finally:
+                timer._in_generation_batch = False
+            timer._step["generation_batch"] += time.perf_counter() - start
+            mask = output.get("completion_mask")
+            if mask is not None and trainer.model.training:
+                timer._step["rollouts"] += mask.shape[0]
+                timer._step["tokens"] += float(mask.sum())
+            return output
+
+        @functools.wraps(original_step)
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            before = timer._step["generation_batch"]
+            start = time.perf_counter()
+            output = original_step(*args, **kwargs)
+            timer._step["update"] += time.perf_counter() - start - (timer._step["generation_batch"] - before)
+            if trainer._step % trainer.current_gradient_accumulation_steps == 0:
+                timer._flush(trainer)
+            return output
+
+        trainer._generate_and_score_completions = generate_and_score
+        trainer.training_step = training_step
+        return timer
+
+    def _wrap(self, trainer: Any, name: str, phase: str, only_in_generation_batch: bool = False) -> None:
+        original = getattr(trainer, name)
+
+        @functools.wraps(original)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if only_in_generation_batch and not self._in_generation_batch:
+                return original(*args, **kwargs)
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._step[phase] += time.perf_counter() - start
+
+        setattr(trainer, name, timed)
+
+    def _flush(self, trainer: Any) -> None:
+        metrics = trainer._metrics["train"]
+        for phase in self.PHASES:
+            self.total[phase] += self._step[phase]
+            metrics[f"time/{phase}"].append(self._step[phase])
+        self.rollouts += int(self._step["rollouts"])
+        self.tokens += int(self._step["tokens"])
+        metrics["rollouts/generated"].append(self._step["rollouts"])
+        metrics["rollouts/tokens_generated"].append(self._step["tokens"])
+        metrics["rollouts/cumulative"].append(float(self.rollouts))
+        metrics["rollouts/cumulative_tokens"].append(float(self.tokens))
+        self._step.clear()

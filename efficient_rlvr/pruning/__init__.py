@@ -1,0 +1,50 @@
+"""ARRoL online rollout pruning (arXiv 2603.24840; SPEC section 2).
+
+- :class:`QualityHead` / :class:`QualityHeadTrainer`: MLP on the policy's final-norm hidden state, trained online
+  with BCE against rollout correctness.
+- :class:`BinnedCalibrator`: binned posterior ``q(s)`` and survival probabilities with the keep-rate bisection.
+- :class:`OnlinePruningCallback`: prunes rollouts that reach ``L_detect`` tokens with probability ``1 - p``.
+- :class:`StepwiseRolloutEngine`: drives a colocated vLLM engine step by step, captures hidden states, aborts.
+- :func:`weighted_vote` / :func:`majority_vote`: test-time aggregation with rank weights.
+
+vLLM is imported only when the engine is used; the other parts are pure torch.
+"""
+
+from efficient_rlvr.pruning.calibration import BinnedCalibrator
+from efficient_rlvr.pruning.callback import OnlinePruningCallback, PruneDecision
+from efficient_rlvr.pruning.engine import (
+    FinalHiddenStateHook,
+    PartialRollout,
+    RolloutCallback,
+    RolloutRequest,
+    RolloutResult,
+    RolloutStep,
+    StepwiseRolloutEngine,
+    colocate_sampling_params,
+    in_process_model_runner,
+    sampling_params_from_trl,
+)
+from efficient_rlvr.pruning.head import QualityHead, QualityHeadTrainer, hidden_state_positions
+from efficient_rlvr.pruning.vote import majority_vote, rank_weights, weighted_vote
+
+__all__ = [
+    "BinnedCalibrator",
+    "FinalHiddenStateHook",
+    "OnlinePruningCallback",
+    "PartialRollout",
+    "PruneDecision",
+    "QualityHead",
+    "QualityHeadTrainer",
+    "RolloutCallback",
+    "RolloutRequest",
+    "RolloutResult",
+    "RolloutStep",
+    "StepwiseRolloutEngine",
+    "colocate_sampling_params",
+    "hidden_state_positions",
+    "in_process_model_runner",
+    "majority_vote",
+    "rank_weights",
+    "sampling_params_from_trl",
+    "weighted_vote",
+]

