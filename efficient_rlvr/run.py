@@ -41,7 +41,7 @@ class RunArguments:
     dataset_prompt_column: str = field(default="prompt", metadata={"help": "Prompt column of an external dataset."})
     train_size: int = field(default=5000, metadata={"help": "Training prompts (reasoning-gym: generated)."})
     eval_size: int = field(default=400, metadata={"help": "Held-out prompts for accuracy before/after training."})
-    data_seed: int = field(default=0, metadata={"help": "Seed of the generated task data and splits."})
+    task_seed: int = field(default=0, metadata={"help": "Seed of the generated task data and splits."})
     reward: str = field(
         default="verifier",
         metadata={"help": "'verifier' (the task's own scorer, strict 0/1) or 'math_verify' (answer column)."},
@@ -69,13 +69,12 @@ def resolve_model_path(name_or_path: str | None) -> str:
 
 
 def load_tokenizer_for(model_path: str) -> PreTrainedTokenizerBase:
-    """The tokenizer of a model folder or Hub name, with left padding (TRL pads prompts on the left)."""
-    from .embedded import base_model_path, load_tokenizer
+    """The tokenizer of a model folder or Hub name, with left padding (TRL pads prompts on the left).
 
-    if os.path.abspath(model_path) == os.path.abspath(base_model_path()):
-        tokenizer = load_tokenizer(model_path)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    `AutoTokenizer` may reload a saved tokenizer with right padding (the embedded one, for instance): batched
+    generation then silently breaks, so the side is forced here.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -110,7 +109,7 @@ def train(run_args: RunArguments, training_args: GRPOConfig, model_args: ModelCo
         run_args.dataset_name,
         train_size=run_args.train_size,
         eval_size=run_args.eval_size,
-        seed=run_args.data_seed,
+        seed=run_args.task_seed,
         prompt_column=run_args.dataset_prompt_column,
     )
     dtype = model_args.dtype if model_args.dtype not in (None, "auto") else "float32"
@@ -136,7 +135,7 @@ def train(run_args: RunArguments, training_args: GRPOConfig, model_args: ModelCo
         "num_samples": run_args.eval_samples,
         "temperature": 1.0,
         "max_new_tokens": run_args.eval_max_new_tokens or training_args.max_completion_length,
-        "seed": run_args.data_seed,
+        "seed": run_args.task_seed,
         "reward_fn": rewards[0],
     }
 

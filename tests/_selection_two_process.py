@@ -18,8 +18,8 @@ import torch
 torch.set_num_threads(1)
 
 from efficient_rlvr import EfficientGRPOConfig, EfficientGRPOTrainer  # noqa: E402
-from efficient_rlvr.rewards import verifier_reward  # noqa: E402
 from efficient_rlvr.embedded import load_tokenizer  # noqa: E402
+from efficient_rlvr.rewards import verifier_reward  # noqa: E402
 from efficient_rlvr.selection import prompt_key  # noqa: E402
 from efficient_rlvr.selection.stage import DynamicSamplingStage  # noqa: E402
 from efficient_rlvr.tasks import load_task_splits  # noqa: E402

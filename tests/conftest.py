@@ -50,9 +50,9 @@ def _tiny_grpo_kwargs(output_dir: str, **overrides) -> dict:
         bf16=False,
         report_to="none",
         seed=0,
-        per_device_train_batch_size=16,
+        per_device_train_batch_size=32,  # 8 prompts x 4 generations
         num_generations=4,
-        max_completion_length=16,
+        max_completion_length=40,  # 5-term chains need ~35 tokens
         max_steps=3,
         learning_rate=1e-3,
         lr_scheduler_type="constant",

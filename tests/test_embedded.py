@@ -122,15 +122,20 @@ def test_saved_folder_loads_with_auto_classes(saved_dir, tokenizer):
     assert gen["eos_token_id"] == 2 and gen["pad_token_id"] == 0
 
 
-def test_generation_with_left_padding_matches_unbatched(saved_dir):
-    # A right-padded batch would change the greedy continuations of the shorter prompts.
-    tokenizer = AutoTokenizer.from_pretrained(saved_dir)
+def test_generation_with_left_padding_matches_unbatched(eval_split):
+    # With the trained base, a right-padded batch would change the continuations of the shorter prompts.
+    path = base_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "right"  # the trap: generation must force left padding itself
-    model = AutoModelForCausalLM.from_pretrained(saved_dir)
-    prompts = [[{"role": "user", "content": f"State the final answer: {e} ="}] for e in ("1", "2 + 3 - 4 + 5 - 6")]
-    batched, _, _ = generate_completions(model, tokenizer, prompts, max_new_tokens=8, temperature=None, batch_size=2)
-    single = [generate_completions(model, tokenizer, [p], 8, None, 1)[0][0] for p in prompts]
+    model = AutoModelForCausalLM.from_pretrained(path)
+    prompts = eval_split.select(range(8))["prompt"]
+    assert (
+        len({len(tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)) for p in prompts}) > 1
+    )
+    batched, _, _ = generate_completions(model, tokenizer, prompts, max_new_tokens=40, temperature=None, batch_size=8)
+    single = [generate_completions(model, tokenizer, [p], 40, None, 1)[0][0] for p in prompts]
     assert batched == single
+    assert all("Answer:" in text for text in single)
     assert tokenizer.padding_side == "right"  # restored
 
 

@@ -389,6 +389,17 @@ def test_callback_resume_repeats_next_decisions():
     assert any(d.pruned for d in a.decisions) and any(not d.pruned for d in a.decisions)
 
 
+def test_callback_random_mode_keeps_kappa_regardless_of_scores():
+    cal = BinnedCalibrator(kappa=0.3, p_min=0.1, p_max=0.9, cold_start_steps=0)
+    cb = OnlinePruningCallback(QualityHead(WIDTH, seed=0), cal, l_detect=5, min_survivors_per_group=1, mode="random")
+    kept = 0
+    for _ in range(50):
+        _simulate(cb, _requests(2, 4), [12] * 8)
+        assert all(d.survival_probability == pytest.approx(0.3) for d in cb.decisions)
+        kept += sum(not d.pruned for d in cb.decisions)
+    assert kept / 400 == pytest.approx(0.3, abs=0.07)  # binomial sd ~0.023
+
+
 def test_callback_validation():
     cal = BinnedCalibrator()
     head = QualityHead(WIDTH)
@@ -397,5 +408,7 @@ def test_callback_validation():
             OnlinePruningCallback(head, cal, **kwargs)
     with pytest.raises(ValueError, match="rng"):
         OnlinePruningCallback(head, cal, rng="seed")
+    with pytest.raises(ValueError, match="mode"):
+        OnlinePruningCallback(head, cal, mode="greedy")
     with pytest.raises(RuntimeError, match="QualityHeadTrainer"):
         OnlinePruningCallback(head, cal).observe({})

@@ -205,6 +205,29 @@ def test_history_record_is_constant_size_per_prompt():
     assert s.num_records == 1 and s.metrics()["selection/history/tracked_prompts"] == 1
 
 
+def test_history_memory_is_bounded_least_recently_updated_evicted_first():
+    s = HistorySampler(max_records=2)
+    visit(s, "a", ALL_RIGHT)
+    visit(s, "b", ALL_WRONG)
+    visit(s, "a", ALL_RIGHT)  # a is now the most recently updated: (EASY, 2)
+    visit(s, "c", ALL_WRONG)  # third record: b (least recently updated) is evicted
+    assert s.num_records == 2
+    assert s.record("b") == (MIXED, 0) and s.skip_probability("b") == 0.0  # evicted = unseen, always a candidate
+    assert s.record("a") == (EASY, 2) and s.record("c") == (HARD, 1)
+    assert s.metrics()["selection/history/evicted_total"] == 1
+    for i in range(100):
+        visit(s, f"k{i}", ALL_WRONG)
+    assert s.num_records == 2 and s.metrics()["selection/history/evicted_total"] == 101
+    assert list(s.state_dict()["records"]) == ["k98", "k99"]
+    # the eviction order survives a checkpoint round trip
+    restored = HistorySampler(max_records=2)
+    restored.load_state_dict(torch_roundtrip(s.state_dict()))
+    visit(restored, "k98", ALL_WRONG)
+    visit(restored, "new", ALL_WRONG)  # evicts k99, not k98
+    assert list(restored.state_dict()["records"]) == ["k98", "new"]
+    assert restored.record("k98") == (HARD, 2)
+
+
 def _reward_pattern(row: int, step: int) -> list[float]:
     """Rows divisible by 3 are always solved; the others are unsolved except every fourth step."""
     if row % 3 == 0:
@@ -522,6 +545,7 @@ def test_gather_candidates_fills_the_target_and_reports_a_dry_pool():
         ({"easy_target_share": -0.1}, "easy_target_share"),
         ({"adapt_warmup_steps": -1}, "adapt_warmup_steps"),
         ({"seed": -1}, "seed"),
+        ({"max_records": 0}, "max_records"),
     ],
 )
 def test_history_sampler_validates_arguments(kwargs, name):

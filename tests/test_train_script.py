@@ -39,7 +39,14 @@ def test_accelerate_launch_default_recipe_writes_model_metrics_and_plot(tmp_path
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "held-out accuracy before training" in result.stdout
     assert "[step    2/2]" in result.stdout  # live progress
-    for name in ("model.safetensors", "config.json", "metrics.jsonl", "metrics.csv", "summary.json", "reward_vs_time.png"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "metrics.jsonl",
+        "metrics.csv",
+        "summary.json",
+        "reward_vs_time.png",
+    ):
         assert (out / name).exists(), name
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2

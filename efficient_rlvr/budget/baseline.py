@@ -185,6 +185,10 @@ def fused_advantages(
           by 1e4, so groups with fewer than 2 rollouts or zero std use the batch standard deviation instead.
         - ``"batch"``: s = the standard deviation of all rewards in the batch + eps (TRL's ``scale_rewards="batch"``).
 
+        When every reward of the batch is equal (batch std 0, e.g. a batch where nothing is solved yet) the fused
+        advantages r - b can still be non-zero; the batch std then falls back to 1 (no scaling) instead of dividing
+        by eps.
+
     Returns the same layout as ``rewards``: a list of 1-D tensors, or ``[B, K]`` with 0 at padded positions.
     """
     if scale not in _SCALES:
@@ -198,6 +202,7 @@ def fused_advantages(
     if scale != "none":
         flat = padded[valid]
         batch_std = flat.std() if flat.numel() > 1 else torch.zeros((), device=padded.device)
+        batch_std = torch.where(batch_std > 0, batch_std, torch.ones_like(batch_std))  # all equal: no scaling
         denom = batch_std.expand(padded.shape[0]).clone()  # [B]
         if scale == "group":
             k = counts_t.float()

@@ -2,10 +2,13 @@
 
 `CostAwareSampler` draws the policy-gradient minibatch from p_i ~ |A_i| / sqrt(c_i) (c_i = prompt + completion
 tokens) with importance weights 1 / (N p_i); `weighted_policy_loss` applies those weights to TRL's per-token loss for
-every `loss_type` so the sampled objective estimates the full-batch one without bias. See the two modules' docstrings.
+every `loss_type` so the sampled objective estimates the full-batch one without bias. `CostAwareStage` wires the
+sampler into `EfficientGRPOTrainer` (`cost_aware_sampling=True`; weights applied through TRL's own loss). See the
+three modules' docstrings.
 """
 
 from .sampler import CostAwareSampler, rollout_costs, select_rows
+from .stage import CostAwareStage, check_cost_aware_config
 from .weighting import (
     SUPPORTED_LOSS_TYPES,
     check_loss_type,
@@ -17,6 +20,8 @@ from .weighting import (
 __all__ = [
     "SUPPORTED_LOSS_TYPES",
     "CostAwareSampler",
+    "CostAwareStage",
+    "check_cost_aware_config",
     "check_loss_type",
     "check_objective",
     "policy_loss_normalizer",

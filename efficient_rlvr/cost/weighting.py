@@ -52,21 +52,21 @@ so a rollout's term depends on which other rollouts were drawn). Caveat: rollout
 alpha = 0) are never drawn, so their KL / entropy terms are missing from the estimate; their policy term is exactly
 zero, so only the regularisers are affected; use alpha > 0 if beta != 0 or an entropy bonus matters.
 
-Recipe for the trainer's `_compute_loss` override (copy of TRL's, three changes):
-1. After advantages are computed on the generation batch, draw `indices, weights = sampler.draw(global_advantages,
-   global_costs)` (identical on every process), replace the batch rows with `select_rows(batch, indices, N)` (keep
-   `num_items_in_batch`), store `weights` as a `[B]` column ("cost_weight") that is split/shuffled with the rows.
-   A global draw needs every drawn row on the process that trains it (TRL keeps only its own slice per process), so
-   with several processes either gather the rows or let each process draw from its own slice (seed + rank, local N,
-   local weights 1 / (N_local p_local)): each slice's estimate is unbiased for that slice, and the slices add up to
-   the full batch under every normaliser above.
-2. Replace TRL's loss-type normalisation block by
-   `loss = weighted_policy_loss(per_token_loss, mask, inputs["cost_weight"], loss_type, policy_loss_normalizer(...,
-   sampled=True))`, where `per_token_loss` already includes `beta * per_token_kl` (and the OPSM / entropy / vLLM-IS
-   factors TRL multiplies in).
-3. Entropy bonus: `weighted_policy_loss(entropies, effective_mask, weights, "bnpo", policy_loss_normalizer("bnpo",
-   ..., sampled=True))`; the adaptive controller may keep its unweighted statistics (it is not a gradient term).
-With all weights 1 and `sampled=False`, steps 2 and 3 reproduce TRL's loss exactly (tested on TRL's own code).
+How the trainer uses this module (`efficient_rlvr/cost/stage.py`, `CostAwareStage`). An earlier plan here was to
+copy TRL's `_compute_loss` and swap its normalisation block for `weighted_policy_loss`; the stage instead takes the
+advantage route above and calls TRL's own `_compute_loss` unchanged (no copy of TRL's code to keep in step with TRL):
+each row's advantage is multiplied by its loss multiplier, and every normaliser difference is folded into that
+multiplier, because each is one scalar per micro-batch: for bnpo, the micro-batch's own token count is swapped for
+the sampled dapo normaliser (`policy_loss_normalizer('bnpo', ..., sampled=True)`). `num_items_in_batch` stays TRL's
+count of the full batch. Two corrections to the earlier plan: with M != N draws the dapo normaliser must be scaled by
+M / N (the stage puts N_eff / M into the multiplier, N_eff = rows with any loss token), otherwise the objective
+shrinks by M / N; and the row-mean types (grpo, sapo, luspo, dr_grpo) divide by the micro-batch's row count, which
+is unbiased for equal micro-batches and corrected by the multiplier otherwise. Consequently the stage refuses what
+this route cannot weight (`check_objective(route="advantage")` minus the bnpo case it handles): beta != 0, an
+entropy bonus, and top_entropy_quantile < 1. `weighted_policy_loss` / `policy_loss_normalizer` remain the reference
+implementation (tests/test_cost.py checks unbiasedness with them) and the building blocks for a per-token-loss
+route if KL or entropy terms must be weighted one day (with all weights 1 and `sampled=False` they reproduce TRL's
+loss exactly, tested on TRL's own code).
 """
 
 from __future__ import annotations

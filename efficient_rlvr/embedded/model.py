@@ -121,6 +121,7 @@ def save_random_model(output_dir: str | os.PathLike, seed: int = 0, vocab_size: 
 def save_model_and_tokenizer(model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerBase, output_dir) -> None:
     """``save_pretrained`` both (safetensors, float32) into ``output_dir``."""
     os.makedirs(output_dir, exist_ok=True)
+    model.config.use_cache = True  # trainers switch it off; generation wants the KV cache
     tokenizer.padding_side = "left"
     tokenizer.save_pretrained(str(output_dir))
     model.save_pretrained(str(output_dir), safe_serialization=True)

@@ -26,7 +26,7 @@ import os
 import time
 from typing import Any
 
-DEFAULT_STOP_STEP = 300
+DEFAULT_STOP_STEP = 350
 
 
 def sft_rows(dataset: Any) -> Any:

@@ -67,7 +67,8 @@ class PosHighNegRand:
 
         Args:
             rewards: ``[N]`` reward per rollout.
-            hes: ``[N]`` HES per rollout (`high_entropy_sum`).
+            hes: ``[N]`` HES per rollout (`high_entropy_sum`); only the correct rollouts' values are used for the
+                decision, so incorrect ones may be NaN (unscored; left out of the HES metrics).
             lengths: optional ``[N]`` completion lengths, for the ``hes/length_corr`` and length metrics.
             groups: None (one group), an int G (rollouts come in consecutive groups of G, TRL's layout) or an ``[N]``
                 tensor of group ids.
@@ -106,7 +107,8 @@ class PosHighNegRand:
         return keep.to(rewards.device)
 
     def _record(self, keep: Tensor, correct: Tensor, hes: Tensor, lengths: Tensor | None) -> None:
-        def mean(x: Tensor) -> float:
+        def mean(x: Tensor) -> float:  # over the finite values (unscored rollouts carry NaN HES)
+            x = x[torch.isfinite(x)]
             return float(x.mean()) if x.numel() else float("nan")
 
         m = {
@@ -120,7 +122,8 @@ class PosHighNegRand:
         }
         if lengths is not None:
             length = lengths.detach().reshape(-1).float().cpu()
-            m["hes/length_corr"] = pearson(hes, length)
+            scored = torch.isfinite(hes)
+            m["hes/length_corr"] = pearson(hes[scored], length[scored])
             m["hes/kept_length_mean"] = mean(length[keep])
             m["hes/dropped_length_mean"] = mean(length[~keep])
         self._metrics = m

@@ -18,6 +18,11 @@ unpruned rollouts of the last generation give BCE training pairs to the head at 
 ``min(L_detect, len)`` and ``len`` (hidden states recorded during generation, no extra forward pass); their
 detect-position scores under the head *before* this update (out of sample, as the pruning decisions saw them) and
 their labels go to the calibrator's buffer, then the calibrator refits. Pruned rollouts are never used.
+
+Notes on the rule as specified: ``p = clip(kappa + delta + lambda (rho - q), ...)`` does not look at the group, so it
+always favours rollouts with low ``q``: it moves a group's expected kept positive ratio toward ``rho`` when the
+group's mean ``q`` is above ``rho`` (Lemma 4.1's case) and away from it when below. Lemma 4.1 itself needs the prune
+not to overshoot ``rho`` (e.g. ``q = (1.0, 0.2)``, ``rho = 0.5``: dropping the first moves the mean from 0.6 to 0.2).
 """
 
 from __future__ import annotations
@@ -65,6 +70,8 @@ class OnlinePruningCallback(RolloutCallback):
         rng: a CPU ``torch.Generator``, an int seed, or None (seed 0).
         reward_threshold: labels for :meth:`observe` are ``reward > reward_threshold`` (used when ``head`` is a bare
             :class:`QualityHead`; a trainer brings its own).
+        mode: ``"arrol"`` (survival probability from the calibrated head) or ``"random"`` (every candidate survives
+            with probability ``calibrator.kappa``: the paper's random-pruning ablation; the head still learns).
     """
 
     needs_hidden_states = True
@@ -77,6 +84,7 @@ class OnlinePruningCallback(RolloutCallback):
         min_survivors_per_group: int = 2,
         rng: torch.Generator | int | None = None,
         reward_threshold: float = 0.5,
+        mode: str = "arrol",
     ):
         if isinstance(head, QualityHeadTrainer):
             self.trainer: QualityHeadTrainer | None = head
@@ -100,6 +108,9 @@ class OnlinePruningCallback(RolloutCallback):
             self.rng = torch.Generator().manual_seed(0 if rng is None else rng)
         else:
             raise ValueError(f"rng must be a torch.Generator, an int seed or None, got {type(rng).__name__}")
+        if mode not in ("arrol", "random"):
+            raise ValueError(f"mode must be 'arrol' or 'random', got {mode!r}")
+        self.mode = mode
         self.calibrator = calibrator
         self.l_detect = l_detect
         self.min_survivors_per_group = min_survivors_per_group
@@ -162,6 +173,8 @@ class OnlinePruningCallback(RolloutCallback):
         posterior = self.calibrator.posterior(scores)  # [M]
         if cold:
             survival = torch.ones_like(scores)
+        elif self.mode == "random":
+            survival = torch.full_like(scores, self.calibrator.kappa)
         else:
             survival = self.calibrator.survival_probabilities(scores)  # [M]
         draws = torch.rand(len(candidates), generator=self.rng, dtype=torch.float64)  # [M]

@@ -30,7 +30,7 @@ import contextlib
 import math
 import time
 from collections.abc import Hashable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -125,7 +125,6 @@ class RolloutResult:
     seconds: float = 0.0
     hook_seconds: float = 0.0
     callback_seconds: float = 0.0
-    extras: dict[str, Any] = field(default_factory=dict)
 
     def as_trl_tuple(self) -> tuple:
         """``(prompt_ids, completion_ids, logprobs, logprob_token_ids)`` as TRL's ``VLLMGeneration.generate``."""
@@ -365,9 +364,9 @@ class StepwiseRolloutEngine:
             if p.n != 1:
                 raise ValueError(f"SamplingParams.n must be 1 (one request per rollout, as TRL colocate), got {p.n}")
             if id(p) not in copies:
-                copy = p.clone()
-                copy.output_kind = RequestOutputKind.CUMULATIVE
-                copies[id(p)] = copy
+                cloned = p.clone()
+                cloned.output_kind = RequestOutputKind.CUMULATIVE
+                copies[id(p)] = cloned
         params = [copies[id(p)] for p in params]
         if self.engine.has_unfinished_requests():
             raise RuntimeError("the vLLM engine has unfinished requests; StepwiseRolloutEngine needs it idle")
@@ -414,6 +413,8 @@ class StepwiseRolloutEngine:
                         completion = output.outputs[0]
                         if output.finished:
                             done[i] = self._snapshot(output, completion.finish_reason)
+                        if not callbacks:
+                            continue
                         partials.append(
                             PartialRollout(
                                 request_id=output.request_id,

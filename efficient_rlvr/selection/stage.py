@@ -33,9 +33,12 @@ old log-probs and importance ratios; the batches are concatenated (`concat_batch
 completions right-padded). The first B_global surviving groups in generation order are kept (original batch first),
 every other row is dropped with `efficient_rlvr.batch.keep_rows` (which recounts `num_items_in_batch` over all
 processes). Shapes stay valid because whole groups of G rows are kept or dropped, and if the refill rounds run out
-the batch is simply smaller (`selection/dynamic/shortfall`); `keep_rows` pads a process that keeps fewer than
-`steps_per_generation` rows with inert rows (zero mask, zero advantage). Processes may end up with different row
-counts (the kept groups are not spread evenly), which the trainer's split and DDP allow.
+the batch is simply smaller (`selection/dynamic/shortfall`). Every process ends with the same number of rows: the
+kept groups are not spread evenly over the processes, and TRL's loss all-gathers per-sequence metrics (clip ratios),
+which needs equal local row counts; so a process with fewer kept groups than the busiest one (or fewer than
+`steps_per_generation` rows) keeps some dropped rows as inert padding (zero completion mask, zero advantage: they
+add nothing to the loss). Every process knows every process's count from the gathered rewards, so this needs no
+extra communication.
 
 Deviations and choices: stage 2 in fixed-count mode (see 2.); HIVE's stage 1 runs on the prompts drawn per step,
 not on TRL's sampler order (the sampler still runs and its batches are discarded); the history is capped at
@@ -382,13 +385,16 @@ class DynamicSamplingStage:
         # Keep the first `target` surviving groups in generation order (original batch first); drop every other row.
         budget = target
         local_keep = []
+        per_rank = torch.zeros(n_proc, dtype=torch.long)  # kept groups on each process
         for mask in masks:
-            final = mask & (mask.long().cumsum(0) <= budget)
+            final = mask & (mask.long().cumsum(0) <= budget)  # [B_piece]
             budget -= int(final.sum())
+            per_rank += final.view(n_proc, -1).sum(1)
             local_keep.append(final[_rank_slice(mask.numel(), accelerator)].repeat_interleave(G))  # [n_local rows]
         pad_id = trainer.processing_class.pad_token_id if hasattr(trainer.processing_class, "pad_token_id") else 0
         merged = concat_batches(pieces, pad_id, self.sequence_level_keys)
-        out = keep_rows(merged, torch.cat(local_keep), accelerator, min_rows=trainer.args.steps_per_generation)
+        min_rows = max(trainer.args.steps_per_generation, int(per_rank.max()) * G)  # equal row counts on every rank
+        out = keep_rows(merged, torch.cat(local_keep), accelerator, min_rows=min_rows)
         self._record(target, min(kept, target), rounds, generated, generated - min(kept, target) * G)
         return out
 
