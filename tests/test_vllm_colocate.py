@@ -55,7 +55,9 @@ def trained_colocate(base_model_dir, chain_sum_splits, tmp_path_factory):
         processing_class=tokenizer,
     )
     trainer.train()
-    texts = [tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False) for row in eval_ds]
+    texts = [
+        tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False) for row in eval_ds
+    ]
     prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts[:8]]
     return trainer, prompts
 
