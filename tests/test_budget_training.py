@@ -101,7 +101,7 @@ def v05_run(base_model_dir, chain_sum_splits, tmp_path_factory):
     return {"trainer": trainer, "calls": calls, "kwargs": kwargs, "train_ds": train_ds, "model_dir": base_model_dir}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Independent recomputation
 def _decoded_rewards(trainer, call):
     """Reward of every output row from its decoded completion and its prompt's columns (the task's verifier)."""
@@ -181,7 +181,7 @@ def _expected_advantages(group_rewards, priors):
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 def test_rewards_prior_decisions_and_advantages_follow_the_formulas(v05_run):
     trainer, calls = v05_run["trainer"], v05_run["calls"]
     assert len(calls) == 3
@@ -318,7 +318,7 @@ def test_stage_validates_its_configuration(base_model_dir, chain_sum_splits, tmp
         BudgetStage.__new__(BudgetStage)._as_prior(42)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Two processes (gloo): every rank makes the same decisions, the slices add up, shapes stay equal across ranks.
 TWO_PROCESS_SCRIPT = r"""
 import json, math, os, sys
@@ -360,7 +360,8 @@ def budget_recording(tr, rows, batch, rewards):
 def hes_recording(tr, rows, batch, rewards):
     out = h_process(tr, rows, batch, rewards)
     record[-1].update({"keep": hes.last_selection["keep"].tolist(), "hes_rows": int(out["completion_ids"].shape[0]),
-                       "hes_num_items": int(out["num_items_in_batch"]), "hes_tokens": int(out["completion_mask"].sum())})
+                       "hes_num_items": int(out["num_items_in_batch"]),
+                       "hes_tokens": int(out["completion_mask"].sum())})
     return out
 
 budget.process, hes.process = budget_recording, hes_recording

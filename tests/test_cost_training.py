@@ -324,9 +324,9 @@ def _free_port() -> int:
 
 
 def test_two_processes_draw_identically_and_share_rows_equally(base_model_dir, tmp_path):
-    """Two gloo processes, 2 prompts x 4 per process and micro-step, gradient accumulation 2, 3 steps, behind DAPO's
-    zero-variance gate (which leaves the processes with different row counts): every rank draws the same global
-    rows, trains half of them, the rows it trains that another rank generated arrive intact (token ids equal the
+    """Two gloo processes, 2 prompts x 4 per process and micro-step, gradient accumulation 2, 3 steps, after a batch
+    stage that drops process 1's last group (16 and 12 rows): every rank draws the same global rows, trains half of
+    them, the rows it trains that another rank generated arrive intact (token ids equal the
     owner's), the logged cost/ metrics agree, and the parameters stay identical."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     cmd = [
@@ -348,12 +348,12 @@ def test_two_processes_draw_identically_and_share_rows_equally(base_model_dir, t
     assert [r["world"] for r in ranks] == [2, 2]
     steps = list(zip(ranks[0]["splits"], ranks[1]["splits"], strict=True))
     assert len(steps) == 3
-    moved_total, uneven = 0, 0
+    moved_total = 0
     for s0, s1 in steps:
         assert s0["rows"] == s1["rows"] and s0["weights"] == s1["weights"]  # one global draw
         n0, n = len(s0["own_rows"]), len(s0["own_rows"]) + len(s1["own_rows"])
-        uneven += n0 != n - n0
-        assert len(s0["rows"]) == n  # default: as many draws as rows left by the gate
+        assert (n0, n) == (16, 28)  # process 1's last group was dropped by the earlier stage
+        assert len(s0["rows"]) == n  # default: as many draws as rows left by the earlier stages
         assert sorted([len(s0["local_rows"]), len(s1["local_rows"])]) == [n // 2, n - n // 2]  # equal shares
         assert sorted(s0["local_rows"] + s1["local_rows"]) == sorted(s0["rows"])  # every draw trained once
         owned = s0["own_rows"] + s1["own_rows"]  # global row id -> tokens, rank 0's rows first
@@ -365,9 +365,21 @@ def test_two_processes_draw_identically_and_share_rows_equally(base_model_dir, t
         assert s0["metrics"]["cost/rows_moved"] == len(
             {g for g in s0["local_rows"] if g >= n0} | {g for g in s1["local_rows"] if g < n0}
         )
-    assert moved_total > 0  # rows did cross processes in this run
-    assert uneven > 0  # and the gate left the processes with different row counts at least once
+    assert moved_total >= 3 * 2  # process 1 owns 12 of 28 rows but trains 14: rows cross processes every step
     assert ranks[0]["param_checksum"] == ranks[1]["param_checksum"]
+
+
+class _DropLastGroupOnRank1:
+    """A batch stage dropping process 1's last group with `efficient_rlvr.batch.keep_rows` (as pruning, the
+    zero-variance gate or HES selection do), so the processes hold different row counts (16 and 12)."""
+
+    def process(self, trainer, rows, batch, rewards):
+        from efficient_rlvr.batch import keep_rows
+
+        keep = torch.ones(batch["completion_ids"].shape[0], dtype=torch.bool)
+        if trainer.accelerator.process_index == 1:
+            keep[-trainer.num_generations :] = False
+        return keep_rows(batch, keep, trainer.accelerator, min_rows=trainer.args.steps_per_generation)
 
 
 def _two_process_worker(out_dir: str, model_dir: str) -> None:
@@ -397,10 +409,9 @@ def _two_process_worker(out_dir: str, model_dir: str) -> None:
             loss_type="dapo",
             disable_tqdm=True,
             cost_aware_sampling=True,
-            dynamic_sampling=True,  # drops zero-variance groups: uneven row counts per process
-            dynamic_sampling_max_rounds=1,
         ),
     )
+    trainer.batch_stages.append(_DropLastGroupOnRank1())  # an earlier batch stage that leaves uneven row counts
     stage = trainer.minibatch_sampler
     split, splits = stage.split, []
 

@@ -209,3 +209,18 @@ def test_hes_needs_generation_order_or_row_annotations(hes_run):
     batch = {k: (v[:-1] if isinstance(v, torch.Tensor) and v.dim() else v) for k, v in calls[0]["in"].items()}
     with pytest.raises(ValueError, match="generation order"):
         stage.process(trainer, [{}] * calls[0]["in"]["completion_ids"].shape[0], batch, calls[0]["rewards"])
+
+
+def test_keeping_everything_trains_exactly_like_vanilla(base_model_dir, chain_sum_splits, tmp_path):
+    """hes_keep_fraction=1 keeps every rollout: the scoring pass must leave training bit-identical (no side effects)."""
+    train_ds, _ = chain_sum_splits
+    runs = []
+    for name, extra in (("off", {"hes_selection": False}), ("all", {"hes_keep_fraction": 1.0})):
+        trainer = _trainer(base_model_dir, train_ds, _kwargs(str(tmp_path / name), **extra))
+        trainer.train()
+        runs.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
+        params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        runs[-1].append(params)
+    assert runs[0][:-1] == runs[1][:-1] and len(runs[0]) == 3
+    for n, p in runs[0][-1].items():
+        torch.testing.assert_close(runs[1][-1][n], p, rtol=0, atol=0, msg=n)

@@ -9,10 +9,10 @@
    of ``accelerator.unwrap_model(trainer.model)`` over prompt + completion, eval mode, ``per_device_train_batch_size``
    rows at a time, logits divided by the sampling ``temperature``) and `hes.score.high_entropy_sum` with
    ``hes_quantile`` (per sequence, over the completion mask). TRL computes no entropies while preparing the batch
-   (its old log-probs pass has ``compute_entropy=False``, and it is skipped entirely without vLLM when
-   ``gradient_accumulation_steps`` is a multiple of ``steps_per_generation``), so the pass is separate; its seconds
-   are logged (``hes/seconds``). Only the rollouts the rule ranks, the correct ones, are scored unless
-   ``score_incorrect=True`` (incorrect ones are drawn at random; their HES is only needed for metrics).
+   (its old log-probs pass has ``compute_entropy=False``, and without vLLM it is skipped entirely when
+   ``gradient_accumulation_steps`` is a multiple of ``steps_per_generation * num_iterations``), so the pass is
+   separate; its seconds are logged (``hes/seconds``). Only the rollouts the rule ranks, the correct ones, are
+   scored unless ``score_incorrect=True`` (incorrect ones are drawn at random; their HES only feeds metrics).
 3. Decision on the GLOBAL batch: rewards, HES, lengths and groups are all-gathered (``gather_object``; processes may
    hold different row counts), and `PosHighNegRand` (``keep_fraction = hes_keep_fraction``; its RNG seeded with
    ``args.seed``, identical on every process) keeps per group the ``ceil(f n_correct)`` highest-HES correct rollouts
@@ -21,7 +21,8 @@
    `efficient_rlvr.batch.keep_rows` (``num_items_in_batch`` recounted globally). Every process keeps the same
    row count, at least ``steps_per_generation``: one that keeps fewer than the most any process keeps is topped up
    with some of its dropped rows as inert padding (mask and advantage 0), because TRL's loss all-gathers
-   per-sequence metrics of every micro-batch and needs equal shapes on all processes. Advantages are not recomputed: they keep the baseline of the whole group.
+   per-sequence metrics of every micro-batch and needs equal shapes on all processes. Advantages are not
+   recomputed: kept rollouts keep the baseline of their whole group.
 
 A rollout is correct when its reward exceeds ``correct_threshold`` (default: the middle of ``budget_reward_min`` /
 ``budget_reward_max``, i.e. 0.5 for 0/1 rewards).

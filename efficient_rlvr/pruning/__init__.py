@@ -6,6 +6,8 @@
 - :class:`OnlinePruningCallback`: prunes rollouts that reach ``L_detect`` tokens with probability ``1 - p``.
 - :class:`StepwiseRolloutEngine`: drives a colocated vLLM engine step by step, captures hidden states, aborts.
 - :func:`weighted_vote` / :func:`majority_vote`: test-time aggregation with rank weights.
+- ``efficient_rlvr.pruning.stage.PruningStage``: all of it wired into ``EfficientGRPOTrainer`` (imported lazily: it
+  needs TRL).
 
 vLLM is imported only when the engine is used; the other parts are pure torch.
 """
@@ -24,7 +26,7 @@ from efficient_rlvr.pruning.engine import (
     in_process_model_runner,
     sampling_params_from_trl,
 )
-from efficient_rlvr.pruning.head import QualityHead, QualityHeadTrainer, hidden_state_positions
+from efficient_rlvr.pruning.head import QualityHead, QualityHeadTrainer, hidden_state_positions, roc_auc
 from efficient_rlvr.pruning.vote import majority_vote, rank_weights, weighted_vote
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "in_process_model_runner",
     "majority_vote",
     "rank_weights",
+    "roc_auc",
     "sampling_params_from_trl",
     "weighted_vote",
 ]

@@ -36,7 +36,7 @@ import torch
 
 from efficient_rlvr.pruning.calibration import BinnedCalibrator
 from efficient_rlvr.pruning.engine import RolloutCallback, RolloutRequest, RolloutResult, RolloutStep
-from efficient_rlvr.pruning.head import QualityHead, QualityHeadTrainer
+from efficient_rlvr.pruning.head import QualityHead, QualityHeadTrainer, roc_auc
 
 __all__ = ["OnlinePruningCallback", "PruneDecision"]
 
@@ -122,6 +122,8 @@ class OnlinePruningCallback(RolloutCallback):
         self._reset_generation()
         self._generation_metrics: dict[str, float] = {}
         self._observe_metrics: dict[str, float] = {}
+        self.last_scores = torch.zeros(0)  # [N] out-of-sample detect scores of the last learn() call
+        self.last_labels = torch.zeros(0)  # [N] their labels
 
     # ------------------------------------------------------------------------------------------------------------
     def _reset_generation(self) -> None:
@@ -299,17 +301,38 @@ class OnlinePruningCallback(RolloutCallback):
         """Learn from the last generation's rewards: train the head, fill the calibrator, refit it.
 
         Call once per training step (after the rewards of the generation are known, before the next generation).
-        Needs ``head`` to be a :class:`QualityHeadTrainer`.
+        Needs ``head`` to be a :class:`QualityHeadTrainer`. Same as ``learn(*training_batch(...)[1:])``.
         """
         if self.trainer is None:
             raise RuntimeError("observe() trains the head: construct the callback with a QualityHeadTrainer")
         _, detect, last, values = self.training_batch(rewards, request_ids)
+        return self.learn(detect, last, values)
+
+    def learn(self, detect_states: torch.Tensor, last_states: torch.Tensor, rewards: torch.Tensor) -> dict[str, float]:
+        """Learn from given finished rollouts (e.g. gathered from every process): head step, buffer, refit.
+
+        Args:
+            detect_states: ``[N, H]`` hidden states at generated length ``min(L_detect, len)``.
+            last_states: ``[N, H]`` hidden states at the last generated token.
+            rewards: ``[N]`` rewards (labels are ``reward > reward_threshold``).
+
+        The detect-position scores under the head *before* this update (out of sample) and the labels go to the
+        calibrator; they are also kept in :attr:`last_scores` / :attr:`last_labels` and summarised as
+        ``pruning/head_auc``. The calibrator is refitted (one refit per call, also with ``N == 0``).
+        """
+        if self.trainer is None:
+            raise RuntimeError("learn() trains the head: construct the callback with a QualityHeadTrainer")
+        values = torch.as_tensor(rewards).detach().reshape(-1).float().cpu()
         metrics: dict[str, float] = {"pruning/head_examples": float(values.numel())}
+        self.last_scores = torch.zeros(0)
+        self.last_labels = torch.zeros(0)
         if values.numel():
-            scores = self.head.score(detect).cpu()  # [N], before the update
+            scores = self.head.score(detect_states).cpu()  # [N], before the update
             labels = self.trainer.labels(values)  # [N]
-            metrics.update(self.trainer.observe(detect, last, values))
+            metrics.update(self.trainer.observe(detect_states, last_states, values))
+            metrics["pruning/head_auc"] = roc_auc(scores, labels)
             self.calibrator.observe(scores, labels)
+            self.last_scores, self.last_labels = scores, labels
         self.calibrator.refit()
         self.num_observed_steps += 1
         metrics.update(self.calibrator.metrics())

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["QualityHead", "QualityHeadTrainer", "hidden_state_positions"]
+__all__ = ["QualityHead", "QualityHeadTrainer", "hidden_state_positions", "roc_auc"]
 
 
 def hidden_state_positions(prompt_len: int, completion_len: int, l_detect: int) -> tuple[int, int]:
@@ -42,6 +42,31 @@ def hidden_state_positions(prompt_len: int, completion_len: int, l_detect: int) 
     if l_detect < 1:
         raise ValueError(f"l_detect must be >= 1, got {l_detect}")
     return prompt_len + min(l_detect, completion_len) - 2, prompt_len + completion_len - 2
+
+
+def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the ROC curve of ``scores`` ``[N]`` for binary ``labels`` ``[N]`` (Mann-Whitney U / (n+ n-)).
+
+    Tied scores count one half. NaN if either class is empty. Computed in float64 on CPU.
+    """
+    s = torch.as_tensor(scores).detach().reshape(-1).to("cpu", torch.float64)
+    y = torch.as_tensor(labels).detach().reshape(-1).to("cpu").bool()
+    if s.shape != y.shape:
+        raise ValueError(f"scores and labels must have the same length, got {s.numel()} and {y.numel()}")
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    # average ranks (1-based) with ties sharing their mean rank
+    order = torch.argsort(s, stable=True)
+    sorted_s = s[order]
+    ranks = torch.empty_like(s)
+    ranks[order] = torch.arange(1, s.numel() + 1, dtype=torch.float64)
+    _, inverse, counts = torch.unique_consecutive(sorted_s, return_inverse=True, return_counts=True)
+    ends = torch.cumsum(counts, 0).to(torch.float64)  # last 1-based rank of each tie block
+    mean_rank = ends - (counts.to(torch.float64) - 1) / 2  # [U]
+    ranks[order] = mean_rank[inverse]
+    u = ranks[y].sum().item() - n_pos * (n_pos + 1) / 2
+    return u / (n_pos * n_neg)
 
 
 class QualityHead(nn.Module):

@@ -1,0 +1,259 @@
+"""Test-time voting with the ARRoL quality head: majority vote vs head-weighted vote on a held-out split.
+
+ARRoL (arXiv 2603.24840, section 4.4) reuses the quality head trained during RL at test time: for each held-out
+prompt, k completions are sampled from the trained policy; the head scores every finished candidate (the final-norm
+hidden state from which its last token was sampled, the position it was trained on); candidates vote for their
+answer (``efficient_rlvr.rewards.extract_answer``) with weights from their score ranks rescaled to [0, 1]
+(`efficient_rlvr.pruning.weighted_vote`), against a plain majority vote (`majority_vote`). A voted answer is right
+when the task's verifier scores ``"Answer: <answer>"`` 1.0.
+
+    python examples/eval_vote.py --model outputs/arrol/checkpoint-40 --state outputs/arrol/checkpoint-40 \
+        [--num_samples 8 --eval_size 400 --output vote.json]
+
+``--model``: a trained policy folder (a checkpoint folder holds model and tokenizer); ``--state``: the checkpoint
+folder or its ``efficient_rlvr_state.pt`` written by `EfficientGRPOTrainer` with ``pruning=True`` (default: the
+model folder). Candidates are sampled with HF ``generate`` (temperature 1, top-k off) under a forked, seeded RNG;
+hidden states come from a teacher-forced forward of prompt + completion (equal to the vLLM states the head was
+trained on, to float precision).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from efficient_rlvr.pruning import QualityHead, majority_vote, weighted_vote
+from efficient_rlvr.rewards import extract_answer, verifier_reward
+
+
+@torch.no_grad()
+def sample_candidates(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: list[Any],
+    num_samples: int,
+    max_new_tokens: int = 48,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> tuple[list[list[int]], list[list[list[int]]]]:
+    """``num_samples`` sampled completions per prompt: ``(prompt_ids [N][P], completions [N][k][L])``.
+
+    Completions end at (and include) the end-of-turn token, or at ``max_new_tokens``. Left-padded batches; sampling
+    under a forked RNG seeded with ``seed`` (the caller's RNG state is untouched).
+    """
+    device = next(model.parameters()).device
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    prompt_ids = [
+        list(
+            tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        )
+        if not isinstance(p, str)
+        else tokenizer(p, add_special_tokens=False)["input_ids"]
+        for p in prompts
+    ]
+    flat = [ids for ids in prompt_ids for _ in range(num_samples)]
+    completions: list[list[int]] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for start in range(0, len(flat), batch_size):
+            chunk = flat[start : start + batch_size]
+            width = max(len(ids) for ids in chunk)
+            input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in chunk], device=device)  # [b, P]
+            mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk], device=device)
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                eos_token_id=eos,
+                pad_token_id=pad,
+            )  # [b, P + T]
+            for row in out[:, width:].tolist():
+                n = row.index(eos) + 1 if eos in row else len(row)
+                while eos not in row[:n] and n > 0 and row[n - 1] == pad:
+                    n -= 1
+                completions.append(row[:n])
+    grouped = [completions[i * num_samples : (i + 1) * num_samples] for i in range(len(prompt_ids))]
+    return prompt_ids, grouped
+
+
+@torch.no_grad()
+def last_token_states(model: torch.nn.Module, prompt_ids: list[int], completions: list[list[int]]) -> torch.Tensor:
+    """Final-norm hidden state from which each completion's last token was sampled: ``[k, H]`` (NaN if empty).
+
+    One prompt, k completions, right-padded (no left padding, so positions are exact): the state at index
+    ``P + L - 2`` of ``hidden_states[-1]`` (`efficient_rlvr.pruning.hidden_state_positions`).
+    """
+    device = next(model.parameters()).device
+    width = len(prompt_ids) + max(1, max(len(c) for c in completions))
+    rows = [prompt_ids + c + [0] * (width - len(prompt_ids) - len(c)) for c in completions]
+    mask = [[1] * (len(prompt_ids) + len(c)) + [0] * (width - len(prompt_ids) - len(c)) for c in completions]
+    out = model(
+        input_ids=torch.tensor(rows, device=device),
+        attention_mask=torch.tensor(mask, device=device),
+        output_hidden_states=True,
+    )
+    hidden = out.hidden_states[-1].float()  # [k, T, H]
+    states = torch.full((len(completions), hidden.shape[-1]), float("nan"), device=device)
+    for j, c in enumerate(completions):
+        if c:
+            states[j] = hidden[j, len(prompt_ids) + len(c) - 2]
+    return states
+
+
+def vote_accuracy(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    head: QualityHead,
+    dataset: Any,
+    num_samples: int = 8,
+    max_new_tokens: int = 48,
+    seed: int = 0,
+    batch_size: int = 256,
+    reward_fn: Callable[..., list[float]] = verifier_reward,
+    return_details: bool = False,
+) -> dict[str, Any]:
+    """Majority vs head-weighted vote accuracy over ``dataset`` (rows with ``prompt`` and the reward's columns).
+
+    Returns ``majority_accuracy``, ``weighted_accuracy``, ``sample_accuracy`` (mean reward of single samples),
+    ``oracle_accuracy`` (some sample right), ``head_auc`` (scores vs sample correctness), counts and seconds; with
+    ``return_details`` also ``details``: per prompt the answers, scores and sample rewards.
+    """
+    from efficient_rlvr.pruning import roc_auc
+
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    head.eval()
+    rows = [dataset[i] for i in range(len(dataset))]
+    columns = [c for c in dataset.column_names if c != "prompt"]
+    try:
+        prompt_ids, candidates = sample_candidates(
+            model, tokenizer, [r["prompt"] for r in rows], num_samples, max_new_tokens, seed, batch_size
+        )
+        scores = []
+        for ids, comps in zip(prompt_ids, candidates, strict=True):
+            states = last_token_states(model, ids, comps)  # [k, H]
+            s = head.score(torch.nan_to_num(states)).cpu()  # [k]
+            scores.append(s.tolist())
+    finally:
+        model.train(was_training)
+
+    def correct(texts: list[str], row_index: list[int]) -> list[float]:
+        kwargs = {c: [rows[i][c] for i in row_index] for c in columns}
+        return [float(r or 0.0) for r in reward_fn(completions=texts, **kwargs)]
+
+    texts = [[tokenizer.decode(c, skip_special_tokens=True) for c in comps] for comps in candidates]
+    answers = [[extract_answer(t) or None for t in ts] for ts in texts]
+    sample_rewards = correct(
+        [t for ts in texts for t in ts], [i for i in range(len(rows)) for _ in range(num_samples)]
+    )
+    majority = [majority_vote(a) for a in answers]
+    weighted = [weighted_vote(a, s) for a, s in zip(answers, scores, strict=True)]
+
+    def voted(choices: list[Any]) -> list[float]:
+        index = [i for i, a in enumerate(choices) if a is not None]
+        values = correct([f"Answer: {choices[i]}" for i in index], index)
+        out = [0.0] * len(choices)
+        for i, v in zip(index, values, strict=True):
+            out[i] = v
+        return out
+
+    maj, wei = voted(majority), voted(weighted)
+    k = num_samples
+    per_prompt = [sample_rewards[i * k : (i + 1) * k] for i in range(len(rows))]
+    flat_scores = torch.tensor([s for ss in scores for s in ss])
+    result: dict[str, Any] = {
+        "num_prompts": len(rows),
+        "num_samples": k,
+        "majority_accuracy": sum(maj) / len(rows),
+        "weighted_accuracy": sum(wei) / len(rows),
+        "sample_accuracy": sum(sample_rewards) / len(sample_rewards),
+        "oracle_accuracy": sum(max(r) >= 1.0 for r in per_prompt) / len(rows),
+        "head_auc": roc_auc(flat_scores, torch.tensor(sample_rewards) >= 1.0),
+        "votes_changed": sum(m != w for m, w in zip(majority, weighted, strict=True)),
+        "seconds": time.perf_counter() - start,
+    }
+    if return_details:
+        result["details"] = [
+            {
+                "answers": answers[i],
+                "scores": scores[i],
+                "sample_rewards": per_prompt[i],
+                "majority": majority[i],
+                "weighted": weighted[i],
+                "majority_correct": maj[i],
+                "weighted_correct": wei[i],
+            }
+            for i in range(len(rows))
+        ]
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM
+
+    from efficient_rlvr.pruning.stage import quality_head_from_state
+    from efficient_rlvr.run import load_tokenizer_for, resolve_model_path
+    from efficient_rlvr.tasks import load_task_splits
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="trained policy folder (or 'embedded' for the base model)")
+    parser.add_argument(
+        "--state", default=None, help="checkpoint folder or efficient_rlvr_state.pt (default: --model)"
+    )
+    parser.add_argument("--dataset_name", default="embedded")
+    parser.add_argument("--eval_size", type=int, default=400)
+    parser.add_argument("--data_seed", type=int, default=0, help="same as training: the held-out split")
+    parser.add_argument("--num_samples", type=int, default=8)
+    parser.add_argument("--max_new_tokens", type=int, default=48)
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--torch_threads", type=int, default=None)
+    parser.add_argument("--output", default=None, help="write the result as JSON here")
+    args = parser.parse_args(argv)
+    if args.torch_threads is not None:
+        torch.set_num_threads(args.torch_threads)
+
+    model_path = resolve_model_path(args.model)
+    head = quality_head_from_state(args.state or model_path)
+    tokenizer = load_tokenizer_for(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    _, eval_ds = load_task_splits(args.dataset_name, train_size=1, eval_size=args.eval_size, seed=args.data_seed)
+    result = vote_accuracy(
+        model,
+        tokenizer,
+        head,
+        eval_ds,
+        num_samples=args.num_samples,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    result.update(model=model_path, state=args.state or model_path, eval_size=args.eval_size)
+    print(
+        f"{result['num_prompts']} prompts x {result['num_samples']} samples: majority {result['majority_accuracy']:.3f}"
+        f", head-weighted {result['weighted_accuracy']:.3f} (single sample {result['sample_accuracy']:.3f}, oracle "
+        f"{result['oracle_accuracy']:.3f}, head AUC {result['head_auc']:.3f}, {result['votes_changed']} votes changed)",
+        flush=True,
+    )
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
