@@ -88,7 +88,11 @@ class EfficientGRPOConfig(GRPOConfig):
         default=512, metadata={"help": "Generated tokens at which a rollout is scored and maybe pruned (>= 1)."}
     )
     pruning_keep_rate: float = field(
-        default=0.5, metadata={"help": "kappa: expected share of rollouts reaching L_detect that survive, (0, 1]."}
+        default=0.5,
+        metadata={
+            "help": "kappa: expected share of rollouts reaching L_detect that survive, (0, 1]; with "
+            "pruning_mode='arrol' it must lie in [pruning_p_min, pruning_p_max]."
+        },
     )
     pruning_lambda: float = field(default=0.5, metadata={"help": "lambda: weight of (rho - q) in p, >= 0."})
     pruning_rho: float = field(default=0.5, metadata={"help": "rho: target positive ratio of kept groups, [0, 1]."})
@@ -96,7 +100,11 @@ class EfficientGRPOConfig(GRPOConfig):
     pruning_p_max: float = field(default=0.75, metadata={"help": "Upper clip of the survival probability."})
     pruning_num_bins: int = field(default=128, metadata={"help": "Calibration histogram bins (>= 2)."})
     pruning_buffer_size: int = field(
-        default=4096, metadata={"help": "Scores kept per class in the calibration sliding buffer (>= 1)."}
+        default=4096,
+        metadata={
+            "help": "Most recent scores (both labels) in the calibration sliding buffer; its positive share "
+            "is the prior (>= 1)."
+        },
     )
     pruning_cold_start_steps: int = field(
         default=20, metadata={"help": "Optimizer steps without pruning while the head and buffers warm up (>= 0)."}
@@ -180,6 +188,14 @@ class EfficientGRPOConfig(GRPOConfig):
         _range("pruning_rho", self.pruning_rho, 0.0, 1.0)
         _range("pruning_p_min", self.pruning_p_min, 0.0, 1.0)
         _range("pruning_p_max", self.pruning_p_max, self.pruning_p_min, 1.0, what="in [pruning_p_min, 1]")
+        if self.pruning_mode == "arrol":  # the bisection for delta needs kappa reachable inside the clip range
+            _range(
+                "pruning_keep_rate",
+                self.pruning_keep_rate,
+                self.pruning_p_min,
+                self.pruning_p_max,
+                what=f"in [pruning_p_min={self.pruning_p_min}, pruning_p_max={self.pruning_p_max}]",
+            )
         _range("pruning_num_bins", self.pruning_num_bins, 2)
         _range("pruning_buffer_size", self.pruning_buffer_size, 1)
         _range("pruning_cold_start_steps", self.pruning_cold_start_steps, 0)

@@ -146,20 +146,11 @@ def _is_packaged_builder(name: str) -> bool:
     return name in _PACKAGED_DATASETS_MODULES
 
 
-def _load_any(name_or_path: str, split: str | None, **load_kwargs: Any) -> datasets.Dataset | datasets.DatasetDict:
-    if os.path.isdir(name_or_path) and (
-        os.path.exists(os.path.join(name_or_path, "dataset_info.json"))
-        or os.path.exists(os.path.join(name_or_path, "dataset_dict.json"))
-        or os.path.exists(os.path.join(name_or_path, "state.json"))
-    ):
-        loaded = datasets.load_from_disk(name_or_path)
-    else:
-        loaded = datasets.load_dataset(name_or_path, **load_kwargs)
-    if split is not None and isinstance(loaded, datasets.DatasetDict):
-        if split not in loaded:
-            raise ValueError(f"split {split!r} not in dataset {name_or_path!r}; available: {list(loaded)}")
-        return loaded[split]
-    return loaded
+def _load_any(name_or_path: str, **load_kwargs: Any) -> datasets.Dataset | datasets.DatasetDict:
+    saved = ("dataset_info.json", "dataset_dict.json", "state.json")
+    if os.path.isdir(name_or_path) and any(os.path.exists(os.path.join(name_or_path, f)) for f in saved):
+        return datasets.load_from_disk(name_or_path)
+    return datasets.load_dataset(name_or_path, **load_kwargs)
 
 
 def _prepare_external(ds: datasets.Dataset, prompt_column: str, size: int | None, seed: int, what: str):
@@ -195,9 +186,9 @@ def load_task_splits(
         name_or_path: a preset (``"embedded"``), a reasoning-gym task name (generated locally), a Hub dataset name,
             a local path (``datasets.load_from_disk`` folder, or anything ``datasets.load_dataset`` accepts), or an
             in-memory ``Dataset`` / ``DatasetDict``.
-        train_size: rows in the train split (reasoning-gym: exactly this many; external: at most this many, a seeded
-            shuffle picks them; ``None`` keeps all).
-        eval_size: rows in the held-out split, same rules.
+        train_size: rows in the train split (reasoning-gym: exactly this many, ``None`` means 5000; external: at most
+            this many, a seeded shuffle picks them, ``None`` keeps all).
+        eval_size: rows in the held-out split, same rules (reasoning-gym ``None`` means 400).
         seed: generation / shuffling seed. Reasoning-gym eval rows come from ``seed + EVAL_SEED_OFFSET``.
         prompt_column: column holding the prompt in an external dataset (strings or message lists).
         train_split, eval_split: split names of an external dataset; if ``eval_split`` is ``None`` or missing, the
@@ -227,7 +218,7 @@ def _load_path_or_hub(name_or_path: str, **load_kwargs: Any) -> datasets.Dataset
         # Not a path, not a Hub-style "owner/name", not "json"/"csv"/...: most likely a misspelt task.
         resolve_task(name_or_path)  # raises ValueError listing the known tasks
     try:
-        return _load_any(name_or_path, None, **load_kwargs)
+        return _load_any(name_or_path, **load_kwargs)
     except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as err:
         raise ValueError(
             f"name_or_path {name_or_path!r} is neither a reasoning-gym task nor a loadable dataset: {err}"

@@ -324,10 +324,11 @@ def _free_port() -> int:
 
 
 def test_two_processes_draw_identically_and_share_rows_equally(base_model_dir, tmp_path):
-    """Two gloo processes, 2 prompts x 4 per process and micro-step, gradient accumulation 2, 3 steps, after a batch
-    stage that drops process 1's last group (16 and 12 rows): every rank draws the same global rows, trains half of
-    them, the rows it trains that another rank generated arrive intact (token ids equal the
-    owner's), the logged cost/ metrics agree, and the parameters stay identical."""
+    """Two gloo processes, 2 prompts x 4 per process and micro-step, gradient accumulation 2, 3 steps, 27 draws, after
+    a batch stage that drops process 1's last group (12 live + 4 inert rows there): every rank draws the same 28
+    global rows (never an inert one), trains half of them in equal micro-batches, the rows it trains that another
+    rank generated arrive intact (token ids equal the owner's), the logged cost/ metrics agree, and the parameters
+    stay identical."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     cmd = [
         sys.executable,
@@ -352,9 +353,12 @@ def test_two_processes_draw_identically_and_share_rows_equally(base_model_dir, t
     for s0, s1 in steps:
         assert s0["rows"] == s1["rows"] and s0["weights"] == s1["weights"]  # one global draw
         n0, n = len(s0["own_rows"]), len(s0["own_rows"]) + len(s1["own_rows"])
-        assert (n0, n) == (16, 28)  # process 1's last group was dropped by the earlier stage
-        assert len(s0["rows"]) == n  # default: as many draws as rows left by the earlier stages
-        assert sorted([len(s0["local_rows"]), len(s1["local_rows"])]) == [n // 2, n - n // 2]  # equal shares
+        assert (n0, n) == (16, 32)  # keep_rows pads process 1 back to 16 rows with 4 inert ones
+        inert = [g for g, tokens in enumerate(s0["own_rows"] + s1["own_rows"]) if not tokens]
+        assert inert == [28, 29, 30, 31] and not set(inert) & set(s0["rows"])  # inert rows are never drawn
+        assert len(s0["rows"]) == 28  # cost_num_draws=27, rounded up to a multiple of the 2 processes
+        assert len(s0["local_rows"]) == len(s1["local_rows"]) == 14  # equal shares
+        assert s0["chunk_rows"] == s1["chunk_rows"] == [7, 7]  # equal micro-batches: TRL's metric gathers work
         assert sorted(s0["local_rows"] + s1["local_rows"]) == sorted(s0["rows"])  # every draw trained once
         owned = s0["own_rows"] + s1["own_rows"]  # global row id -> tokens, rank 0's rows first
         for s in (s0, s1):
@@ -362,16 +366,17 @@ def test_two_processes_draw_identically_and_share_rows_equally(base_model_dir, t
                 assert tokens == owned[g]
         moved_total += sum(1 for g in s0["local_rows"] if g >= n0) + sum(1 for g in s1["local_rows"] if g < n0)
         assert s0["metrics"] == s1["metrics"]
+        assert (s0["metrics"]["cost/pool_rows"], s0["metrics"]["cost/pool_valid_rows"]) == (32, 28)
         assert s0["metrics"]["cost/rows_moved"] == len(
             {g for g in s0["local_rows"] if g >= n0} | {g for g in s1["local_rows"] if g < n0}
         )
-    assert moved_total >= 3 * 2  # process 1 owns 12 of 28 rows but trains 14: rows cross processes every step
+    assert moved_total >= 3 * 2  # process 1 owns 12 drawable rows but trains 14: rows cross processes every step
     assert ranks[0]["param_checksum"] == ranks[1]["param_checksum"]
 
 
 class _DropLastGroupOnRank1:
     """A batch stage dropping process 1's last group with `efficient_rlvr.batch.keep_rows` (as pruning, the
-    zero-variance gate or HES selection do), so the processes hold different row counts (16 and 12)."""
+    zero-variance gate or HES selection do): process 1 keeps 12 live rows, padded with 4 inert ones."""
 
     def process(self, trainer, rows, batch, rewards):
         from efficient_rlvr.batch import keep_rows
@@ -409,6 +414,7 @@ def _two_process_worker(out_dir: str, model_dir: str) -> None:
             loss_type="dapo",
             disable_tqdm=True,
             cost_aware_sampling=True,
+            cost_num_draws=27,
         ),
     )
     trainer.batch_stages.append(_DropLastGroupOnRank1())  # an earlier batch stage that leaves uneven row counts
@@ -427,6 +433,7 @@ def _two_process_worker(out_dir: str, model_dir: str) -> None:
                 "local_rows": stage.last_draw["local_rows"].tolist(),
                 "own_rows": strip(batch["completion_ids"], batch["completion_mask"]),
                 "trained_rows": [t for c in chunks for t in strip(c["completion_ids"], c["completion_mask"])],
+                "chunk_rows": [int(c["completion_ids"].shape[0]) for c in chunks],
             }
         )
         return chunks

@@ -229,6 +229,8 @@ def test_process_invalidates_pruned_rollouts_recomputes_advantages_and_drops_row
         assert out["advantages"].tolist() == pytest.approx(expected[kept].tolist(), abs=1e-5)
         if step < COLD_START:  # nothing pruned: the recomputation is TRL's own
             assert torch.allclose(out["advantages"], rec["batch"]["advantages"], atol=1e-6)
+    last = run["records"][-1]["rewards_after"]
+    assert run["stage"].metrics()["pruning/reward_kept"] == pytest.approx(float(torch.nanmean(last)))
 
 
 def test_old_logprobs_are_computed_on_survivors_only(run):
@@ -244,6 +246,40 @@ def test_old_logprobs_are_computed_on_survivors_only(run):
         assert torch.equal(batch["old_per_token_logps"][aborted], batch["sampling_per_token_logps"][aborted])
     assert "_get_per_token_logps_and_entropies" not in vars(run["trainer"])  # wrapper removed
     assert stage.metrics()["pruning/logprob_rows_skipped_total"] > 0
+
+
+def test_survivor_logprob_pass_applies_only_to_its_own_no_grad_batch(run):
+    """The wrapper around TRL's `_get_per_token_logps_and_entropies`, on the trained trainer's real method."""
+    from efficient_rlvr.pruning.stage import _SurvivorLogprobPass
+
+    trainer = run["trainer"]
+    rec = run["records"][-1]
+    batch = rec["batch"]
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)  # [N, P + C]
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    C = batch["completion_ids"].shape[1]
+    completions = [list(c) for c in rec["result"].completion_ids]
+    pruned = [i % 3 == 0 for i in range(len(completions))]
+    fill = [[-float(i)] * len(c) for i, c in enumerate(completions)]
+    with torch.no_grad():
+        reference, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, C, batch_size=64)
+    wrapper = _SurvivorLogprobPass(trainer, completions, fill, pruned)
+    try:
+        with torch.no_grad():
+            got, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, C, batch_size=64)
+            other, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids[1:], mask[1:], C)
+        with_grad, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, C, batch_size=64)
+    finally:
+        wrapper.remove()
+    keep = torch.tensor([not p for p in pruned])
+    assert torch.allclose(got[keep], reference[keep], atol=1e-5)
+    for i in torch.nonzero(~keep).flatten().tolist():
+        n = len(completions[i])
+        assert got[i, :n].eq(-float(i)).all() and got[i, n:].eq(0).all()
+    assert wrapper.calls == 1 and wrapper.rows_skipped == sum(pruned)  # the other two calls went to TRL's method
+    assert torch.allclose(other, reference[1:], atol=1e-5)
+    assert with_grad.requires_grad and torch.allclose(with_grad.detach(), reference, atol=1e-5)
+    assert "_get_per_token_logps_and_entropies" not in vars(trainer)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -34,7 +34,9 @@ def test_accelerate_launch_default_recipe_writes_model_metrics_and_plot(tmp_path
         "--num_generations=4",
         f"--output_dir={out}",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # In-process vLLM engines of earlier tests leave MASTER_PORT etc. pointing at this process's own rendezvous.
+    dist_vars = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
+    env = {k: v for k, v in os.environ.items() if k not in dist_vars} | {"OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "held-out accuracy before training" in result.stdout

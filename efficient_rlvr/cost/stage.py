@@ -11,10 +11,11 @@ the importance weights of the micro-batches it returns. Per generation batch (af
    all processes, N_eff = rows in the pool.
 2. Draw. `CostAwareSampler` (identical inputs and seeded generator on every process) draws M rows i.i.d. from
    p_i ~ (1 - alpha) |A_i| / sqrt(c_i) / Z + alpha / N_eff, with replacement; M = `cost_num_draws`, default N (the
-   number of sequences vanilla TRL trains on). Importance weights v_j = 1 / (N_eff p_j), re-centred to average 1
+   number of sequences vanilla TRL trains on), rounded up to a multiple of P (see 3.). Importance weights v_j = 1 / (N_eff p_j), re-centred to average 1
    over the M draws (SPEC 3; the sampler's docstring states what re-centring does to the estimator).
-3. Equal shares. Rank r trains M // P draws (+1 for r < M mod P; P = processes), so every rank runs the same number
-   of rows through forward/backward: per-step time is set by the slowest rank, a rank holding many informative
+3. Equal shares. M is rounded up to a multiple of P (P = processes) and every rank trains exactly M / P draws, in
+   micro-batches of the same sizes on every rank: TRL's loss all-gathers per-sequence metrics (clip ratios), which
+   needs equal row counts per micro-step, per-step time is set by the slowest rank, a rank holding many informative
    groups would otherwise get most of the draws (groups live on one rank), and a rank's micro-batch could outgrow
    `per_device_train_batch_size` (memory). Draws of a rank's own rows stay on it (in draw order, up to its share);
    the overflow goes, in draw order, to ranks below their share, and those rows are moved with one all-gather of
@@ -206,6 +207,7 @@ class CostAwareStage:
         # ---- draw (identical on every process)
         minimum = n_proc * num_chunks
         m = self.num_draws if self.num_draws is not None else n_total
+        m = -(-m // n_proc) * n_proc  # a multiple of P: equal shares
         if m < minimum:
             raise ValueError(
                 f"CostAwareStage: {m} draws cannot fill {num_chunks} micro-batches on {n_proc} processes."
@@ -225,7 +227,7 @@ class CostAwareStage:
         n_eff = max(int(pool.numel()), 1)
 
         # ---- equal shares: own draws first, overflow in draw order, then a shuffle per rank
-        quota = [m // n_proc + (1 if r < m % n_proc else 0) for r in range(n_proc)]
+        quota = [m // n_proc] * n_proc
         assigned: list[list[int]] = [[] for _ in range(n_proc)]
         overflow: list[int] = []
         for j, o in enumerate(owner[rows].tolist()):

@@ -148,7 +148,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--logging_steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--task_kwargs", type=json.loads, default=None, help='training mix, e.g. \'{"max_terms": 4}\'')
+    p.add_argument("--task_kwargs", type=json.loads, default=None, help="training mix, e.g. '{\"max_terms\": 4}'")
     p.add_argument("--save_model", action="store_true")
     return p.parse_args(argv)
 

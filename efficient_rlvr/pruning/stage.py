@@ -27,9 +27,12 @@ mode) and its first batch stage (`process`). One step:
    global batch are recomputed over the survivors with TRL's ``scale_rewards`` / ``multi_objective_aggregation``
    semantics (`survivor_advantages`: a pruned rollout counts as unscorable, a group left with one known rollout gets
    advantage 0); this process's slice replaces ``advantages`` and the pruned rows are dropped with
-   `efficient_rlvr.batch.keep_rows` (``num_items_in_batch`` recounted globally; every process keeps the same row
-   count, topped up with inert rows if needed, because TRL's loss all-gathers per-sequence metrics). The kept rows
+   `efficient_rlvr.batch.keep_rows` (``num_items_in_batch`` recounted globally; `keep_rows` gives every process the
+   same row count, topped up with inert rows, because TRL's loss all-gathers per-sequence metrics). The kept rows
    carry ``rollout_rewards`` / ``rollout_groups`` (as V0.5's stage does) so that HES can still find its groups.
+   TRL's own logged ``reward``, ``frac_reward_zero_std`` and ``completions/*`` are computed before this stage and
+   include the pruned rollouts (cut at L_detect, usually without an answer, so scored 0; counted as clipped);
+   ``pruning/reward_kept`` is the mean reward of the rollouts trained on.
 4. Learning (`on_step_end`, after every optimizer step). The finished rollouts' detect-position and last-token hidden
    states (recorded during generation, no extra forward) and rewards are gathered from every process in `process`;
    after the optimizer step the head takes one BCE/Adam step on them (labels ``reward > pruning_correct_threshold``),
@@ -50,7 +53,7 @@ all processes) restores every process's RNG.
 Checkpoints (`state_dict`): head weights and its Adam state, the calibrator's buffer and table, the callback's RNG
 and counters, the generation counter, learning data not yet consumed, cumulative totals.
 
-Metrics (``pruning/``): global pruned fraction, kept rows, kept positive ratio ``rho_hat`` and ``rho_hat (1 -
+Metrics (``pruning/``): global pruned fraction, kept rows, mean reward of the kept rollouts, kept positive ratio ``rho_hat`` and ``rho_hat (1 -
 rho_hat)`` per group (all groups, and groups with a pruned rollout), tokens generated and tokens not generated
 (estimate: a pruned rollout would have run as long as its group's kept rollouts that passed L_detect; cumulative),
 rollouts pruned and log-prob rows skipped (cumulative), head loss / accuracy / AUC on the step's finished rollouts
@@ -493,8 +496,7 @@ class PruningStage:
         )
         out[ROLLOUT_REWARDS] = rewards.detach()[rows_slice].float().to(device)
         out[ROLLOUT_GROUPS] = (torch.arange(rank * n, (rank + 1) * n) // G).to(device)
-        min_rows = max(int(trainer.args.steps_per_generation), int(kept_counts.max()))
-        out = keep_rows(out, ~pruned_local, accelerator, min_rows=min_rows)
+        out = keep_rows(out, ~pruned_local, accelerator, min_rows=int(trainer.args.steps_per_generation))
 
         # Learning data: finished rollouts of every process (identical on all of them, in process order).
         local_rewards = rewards.detach()[rows_slice].float().cpu().tolist()
@@ -544,6 +546,7 @@ class PruningStage:
             {
                 "pruning/pruned_fraction": num_pruned / num if num else 0.0,
                 "pruning/kept_rows": float(kept_counts.sum()),
+                "pruning/reward_kept": float(torch.nanmean(rewards)) if bool(known.any()) else float("nan"),
                 "pruning/rho_hat": mean(rho, has),
                 "pruning/rho_hat_var": mean(rho * (1 - rho), has),
                 "pruning/rho_hat_pruned_groups": mean(rho, touched),
