@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from efficient_rlvr import EfficientGRPOConfig, EfficientGRPOTrainer
 from efficient_rlvr.budget import fused_advantages
-from efficient_rlvr.budget.stage import ROLLOUT_GROUPS, ROLLOUT_REWARDS, BudgetStage, merge_batches
+from efficient_rlvr.budget.stage import ROLLOUT_GROUPS, ROLLOUT_REWARDS, BudgetStage
 from efficient_rlvr.rewards import verifier_reward
 from efficient_rlvr.run import load_tokenizer_for
 
@@ -280,33 +280,6 @@ def test_all_equal_batch_does_not_blow_up_the_advantages():
         adv = fused_advantages(rewards, baseline, scale=scale)
         torch.testing.assert_close(adv[0], torch.full((4,), -0.0625 / (1 + 1e-4)))
         torch.testing.assert_close(adv[1], torch.full((8,), -0.03125 / (1 + 1e-4)))
-
-
-def test_merge_batches_pads_prompts_left_and_completions_right():
-    a = {
-        "prompt_ids": torch.tensor([[1, 2]]),
-        "prompt_mask": torch.tensor([[1, 1]]),
-        "completion_ids": torch.tensor([[5, 6, 7]]),
-        "completion_mask": torch.tensor([[1, 1, 1]]),
-        "advantages": torch.tensor([0.5]),
-        "num_items_in_batch": torch.tensor(3),
-    }
-    b = {
-        "prompt_ids": torch.tensor([[9, 1, 2], [3, 4, 5]]),
-        "prompt_mask": torch.tensor([[0, 1, 1], [1, 1, 1]]),
-        "completion_ids": torch.tensor([[8], [7]]),
-        "completion_mask": torch.tensor([[1], [1]]),
-        "advantages": torch.tensor([-1.0, 1.0]),
-        "num_items_in_batch": torch.tensor(2),
-    }
-    m = merge_batches([a, b], pad_token_id=0)
-    assert m["prompt_ids"].tolist() == [[0, 1, 2], [9, 1, 2], [3, 4, 5]]
-    assert m["prompt_mask"].tolist() == [[0, 1, 1], [0, 1, 1], [1, 1, 1]]
-    assert m["completion_ids"].tolist() == [[5, 6, 7], [8, 0, 0], [7, 0, 0]]
-    assert m["completion_mask"].tolist() == [[1, 1, 1], [1, 0, 0], [1, 0, 0]]
-    assert m["advantages"].tolist() == [0.5, -1.0, 1.0] and int(m["num_items_in_batch"]) == 5
-    with pytest.raises(ValueError, match="different keys"):
-        merge_batches([a, {k: v for k, v in b.items() if k != "advantages"}], 0)
 
 
 def test_stage_validates_its_configuration(base_model_dir, chain_sum_splits, tmp_path):

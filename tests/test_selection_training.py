@@ -17,10 +17,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from efficient_rlvr import EfficientGRPOConfig, EfficientGRPOTrainer
+from efficient_rlvr.batch import concat_batches
 from efficient_rlvr.embedded import load_tokenizer
 from efficient_rlvr.rewards import verifier_reward
 from efficient_rlvr.selection import CandidatePool, token_entropy
-from efficient_rlvr.selection.merge import concat_batches
 from efficient_rlvr.selection.stage import DynamicSamplingStage, PromptSelectionStage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -50,8 +50,6 @@ of G) and earlier stages that drop rows (dynamic sampling; the batch must be in 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -59,7 +57,8 @@ from typing import Any
 
 import torch
 
-from ..batch import keep_rows, local_row_count
+from ..batch import concat_batches, keep_rows, local_row_count
+from ..selection.base import prompt_key
 from .adaptive import RolloutBudget
 from .baseline import fused_advantages, fusion_stats
 from .prior import CallablePrior, HistoryPrior, ValuePrior
@@ -76,72 +75,6 @@ HISTORY_MAX_PROMPTS = 200_000
 
 ROLLOUT_REWARDS = "rollout_rewards"
 ROLLOUT_GROUPS = "rollout_groups"
-
-# Entries whose second axis is the prompt (padded on the left); every other [N, T] entry is completion-aligned.
-_LEFT_PADDED = ("prompt_ids", "prompt_mask")
-
-
-def prompt_key(prompt: Any) -> str:
-    """A stable key for a prompt (string or chat messages): BLAKE2b hex digest of its text / canonical JSON."""
-    text = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, ensure_ascii=False, default=str)
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
-
-
-def merge_batches(
-    batches: Sequence[dict[str, Any]], pad_token_id: int, sequence_level_keys: Sequence[str] = ()
-) -> dict[str, Any]:
-    """Stack the rows of TRL generation batches (outputs of `_generate_and_score_completions`), in order.
-
-    Per-row entries are concatenated; ``[N, T]`` entries are padded to the widest batch first: ``prompt_ids`` /
-    ``prompt_mask`` on the left, completion-aligned entries on the right (fill: ``pad_token_id`` for token ids, 1 for
-    ``tool_mask``, 0 otherwise; every padded position has mask 0). ``sequence_level_keys`` are ``[N, k]`` entries
-    that are not per token (a sequence-level ``importance_sampling_ratio``). ``num_items_in_batch`` is summed (the
-    caller recounts it when it drops rows); other non-row entries must be equal in every batch.
-    """
-    if not batches:
-        raise ValueError("merge_batches needs at least one batch.")
-    if len(batches) == 1:
-        return dict(batches[0])
-    keys = list(batches[0])
-    for b in batches[1:]:
-        if set(b) != set(keys):
-            raise ValueError(f"merge_batches: batches have different keys ({sorted(keys)} vs {sorted(b)}).")
-    counts = [local_row_count(b) for b in batches]
-    out: dict[str, Any] = {}
-    for key in keys:
-        values = [b[key] for b in batches]
-        if key == "num_items_in_batch":
-            out[key] = sum(values[1:], values[0])
-            continue
-        per_row = [
-            (isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n) or (isinstance(v, list) and len(v) == n)
-            for v, n in zip(values, counts, strict=True)
-        ]
-        if all(per_row):
-            if isinstance(values[0], list):
-                out[key] = [item for v in values for item in v]
-            elif values[0].dim() == 1 or key in sequence_level_keys:
-                out[key] = torch.cat(values, dim=0)
-            else:
-                width = max(v.shape[1] for v in values)
-                fill = pad_token_id if key.endswith("_ids") else (1 if key == "tool_mask" else 0)
-                left = key in _LEFT_PADDED
-                padded = []
-                for v in values:
-                    gap = v.new_full((v.shape[0], width - v.shape[1], *v.shape[2:]), fill)
-                    padded.append(torch.cat([gap, v] if left else [v, gap], dim=1))
-                out[key] = torch.cat(padded, dim=0)
-        elif not any(per_row) and all(_equal(values[0], v) for v in values[1:]):
-            out[key] = values[0]
-        else:
-            raise ValueError(f"merge_batches: cannot merge entry {key!r} (neither per-row in every batch nor equal).")
-    return out
-
-
-def _equal(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
-    return a == b
 
 
 def _per_process_rows(total: int, num_processes: int, group_size: int) -> int:
@@ -340,7 +273,7 @@ class BudgetStage:
         out = batch
         if len(pieces) > 1:
             tokenizer = getattr(trainer, "_tokenizer", None) or trainer.processing_class
-            merged = merge_batches(pieces, tokenizer.pad_token_id or 0, self.sequence_level_keys)
+            merged = concat_batches(pieces, tokenizer.pad_token_id or 0, self.sequence_level_keys)
             real = ~dummy_all[ids]
             # One process: drop the dummies. Several: keep them as inert rows (mask and advantage 0) so every
             # process holds the same row count (TRL's loss all-gathers per-sequence metrics of each micro-batch).

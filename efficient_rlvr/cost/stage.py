@@ -372,7 +372,7 @@ class CostAwareStage:
             pieces.append({k: _to_device_like(v, per_row[k]) for k, v in rows_of_src.items()})
             where.update({g: start + i for i, g in enumerate(ids)})
             start += len(ids)
-        from ..selection.merge import concat_batches
+        from ..batch import concat_batches
 
         seq_keys = () if self.per_token_ratio else ("importance_sampling_ratio",)
         source = concat_batches(pieces, self.pad_token_id, seq_keys) if len(pieces) > 1 else per_row

@@ -15,14 +15,13 @@ Typical step (B prompts per step, G rollouts per prompt)::
 
 In `EfficientGRPOTrainer` this loop is `PromptSelectionStage` (stage.py, `selection_history` / `selection_entropy`);
 `DynamicSamplingStage` (stage.py, `dynamic_sampling`) applies the gate after scoring and refills the batch with
-TRL's own generation, merging batches with `concat_batches` (merge.py).
+TRL's own generation, merging batches with `efficient_rlvr.batch.concat_batches`.
 """
 
 from .base import Candidate, Selector, SelectorChain, prompt_key, rollouts_saved
 from .dynamic import ZeroVarianceGate
 from .entropy import EntropyMedianFilter, prompt_entropy, prompt_position_mask, token_entropy
 from .history import HistorySampler
-from .merge import concat_batches
 from .pool import CandidatePool, GatherResult, gather_candidates
 from .stage import DynamicSamplingStage, PromptSelectionStage
 
@@ -37,7 +36,6 @@ __all__ = [
     "Selector",
     "SelectorChain",
     "ZeroVarianceGate",
-    "concat_batches",
     "gather_candidates",
     "prompt_entropy",
     "prompt_key",

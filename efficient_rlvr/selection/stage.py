@@ -56,12 +56,11 @@ from typing import Any
 
 import torch
 
-from ..batch import keep_rows, local_row_count
+from ..batch import concat_batches, keep_rows, local_row_count
 from .base import Candidate, prompt_key
 from .dynamic import ZeroVarianceGate
 from .entropy import EntropyMedianFilter, prompt_entropy
 from .history import HistorySampler
-from .merge import concat_batches
 from .pool import CandidatePool, gather_candidates
 
 # Not a config field (EfficientGRPOConfig has none): most prompts the history remembers (~200 bytes each).
