@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM
 from vllm import SamplingParams
 
 from efficient_rlvr import EfficientGRPOConfig, EfficientGRPOTrainer
+from efficient_rlvr.embedded import base_model_path
 from efficient_rlvr.rewards import verifier_reward
 from efficient_rlvr.run import load_tokenizer_for
 
@@ -93,4 +94,77 @@ def test_vllm_logprobs_match_the_updated_hf_model(trained_colocate, base_model_d
     assert (vllm_logps - hf_logps).abs().max() < 1e-4
     # The same tokens under the weights before training differ far beyond that: the test can tell a stale engine.
     initial = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32).eval()
+    assert (vllm_logps - _hf_token_logprobs(initial, prompts, completions)).abs().max() > 1e-2
+
+
+def test_tied_embeddings_sync_on_the_cpu_backend(chain_sum_splits, tmp_path):
+    """vLLM-CPU packs lm_head separately; with tied embeddings the reload alone would leave it stale."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    base_tokenizer = load_tokenizer_for(base_model_path())
+    config = Qwen2Config(
+        vocab_size=len(base_tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        eos_token_id=base_tokenizer.eos_token_id,
+        pad_token_id=base_tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model_dir = str(tmp_path / "tied")
+    Qwen2ForCausalLM(config).save_pretrained(model_dir)
+    base_tokenizer.save_pretrained(model_dir)
+
+    def odd_length(completions, **kwargs):  # any reward with variance inside groups moves the weights
+        return [float(len(c[-1]["content"]) % 2) for c in completions]
+
+    train_ds, eval_ds = chain_sum_splits
+    args = EfficientGRPOConfig(
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        seed=0,
+        per_device_train_batch_size=16,
+        num_generations=4,
+        max_completion_length=12,
+        max_steps=2,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        save_strategy="no",
+        top_k=0,
+        beta=0.0,
+        use_vllm=True,
+        vllm_mode="colocate",
+        vllm_max_model_length=128,
+        vllm_gpu_memory_utilization=0.3,
+        disable_tqdm=True,
+    )
+    trainer = EfficientGRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+        reward_funcs=[odd_length],
+        args=args,
+        train_dataset=train_ds,
+        processing_class=load_tokenizer_for(model_dir),
+    )
+    trainer.train()
+    trained = trainer.accelerator.unwrap_model(trainer.model).eval()
+    assert trained.config.tie_word_embeddings
+    trainer.vllm_generation.sync_weights()
+    texts = [
+        base_tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False) for r in eval_ds
+    ]
+    prompts = [base_tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[:6]]
+    params = SamplingParams(max_tokens=8, temperature=1.0, top_k=0, logprobs=0, seed=0)
+    outputs = trainer.vllm_generation.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    completions = [list(o.outputs[0].token_ids) for o in outputs]
+    vllm_logps = torch.tensor(
+        [lp[t].logprob for o in outputs for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs, strict=True)]
+    )
+    assert (vllm_logps - _hf_token_logprobs(trained, prompts, completions)).abs().max() < 1e-4
+    initial = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     assert (vllm_logps - _hf_token_logprobs(initial, prompts, completions)).abs().max() > 1e-2
