@@ -17,6 +17,8 @@ import torch
 
 torch.set_num_threads(1)
 
+from grpo_args import cpu_grpo_kwargs  # noqa: E402
+
 from efficient_rlvr import EfficientGRPOConfig, EfficientGRPOTrainer  # noqa: E402
 from efficient_rlvr.embedded import load_tokenizer  # noqa: E402
 from efficient_rlvr.rewards import verifier_reward  # noqa: E402
@@ -28,27 +30,21 @@ from efficient_rlvr.tasks import load_task_splits  # noqa: E402
 def main(out_dir: str, model_dir: str) -> None:
     train_ds, _ = load_task_splits("embedded", train_size=48, eval_size=8, seed=0)
     args = EfficientGRPOConfig(
-        output_dir=os.path.join(out_dir, "run"),
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        seed=0,
-        per_device_train_batch_size=8,  # 2 prompts x G=4 per rank, 4 prompts per step
-        num_generations=4,
-        max_completion_length=16,
-        max_steps=4,
-        learning_rate=2e-4,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        top_k=0,
-        beta=0.0,
-        loss_type="dapo",
-        disable_tqdm=True,
-        selection_history=True,
-        selection_entropy=True,
-        dynamic_sampling=True,
-        dynamic_sampling_max_rounds=1,
+        **cpu_grpo_kwargs(
+            os.path.join(out_dir, "run"),
+            per_device_train_batch_size=8,  # 2 prompts x G=4 per rank, 4 prompts per step
+            num_generations=4,
+            max_completion_length=16,
+            max_steps=4,
+            learning_rate=2e-4,
+            lr_scheduler_type="constant",
+            logging_steps=1,
+            save_strategy="no",
+            selection_history=True,
+            selection_entropy=True,
+            dynamic_sampling=True,
+            dynamic_sampling_max_rounds=1,
+        )
     )
     trainer = EfficientGRPOTrainer(
         model=model_dir,

@@ -15,6 +15,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from grpo_args import cpu_grpo_kwargs  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -44,12 +45,7 @@ def chain_sum_splits():
 
 
 def _tiny_grpo_kwargs(output_dir: str, **overrides) -> dict:
-    kwargs = dict(
-        output_dir=output_dir,
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        seed=0,
+    defaults = dict(
         per_device_train_batch_size=32,  # 8 prompts x 4 generations
         num_generations=4,
         max_completion_length=40,  # 5-term chains need ~35 tokens
@@ -58,13 +54,8 @@ def _tiny_grpo_kwargs(output_dir: str, **overrides) -> dict:
         lr_scheduler_type="constant",
         logging_steps=1,
         save_strategy="no",
-        top_k=0,
-        beta=0.0,
-        loss_type="dapo",
-        disable_tqdm=True,
     )
-    kwargs.update(overrides)
-    return kwargs
+    return cpu_grpo_kwargs(output_dir, **{**defaults, **overrides})
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import os
 
 import pytest
 import torch
+from grpo_args import cpu_grpo_kwargs
 from transformers import AutoModelForCausalLM
 
 from efficient_rlvr import EfficientGRPOConfig, EfficientGRPOTrainer
@@ -27,18 +28,10 @@ EMA, SHRINK = 0.1, 2.0  # the stage's history prior (HISTORY_EMA, HISTORY_SHRINK
 
 
 def _kwargs(output_dir, **overrides):
-    kw = dict(
-        output_dir=output_dir,
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        seed=0,
-        top_k=0,
-        beta=0.0,
-        loss_type="dapo",
+    kw = cpu_grpo_kwargs(
+        output_dir,
         lr_scheduler_type="constant",
         logging_steps=1,
-        disable_tqdm=True,
         per_device_train_batch_size=G * PROMPTS // 2,
         gradient_accumulation_steps=2,  # generation batch = 4 prompts x 4; merged batches split into 2 chunks
         num_generations=G,

@@ -25,6 +25,8 @@ import torch
 
 torch.set_num_threads(1)
 
+from grpo_args import cpu_grpo_kwargs  # noqa: E402
+
 from efficient_rlvr import EfficientGRPOConfig, EfficientGRPOTrainer  # noqa: E402
 from efficient_rlvr.batch import split_rows  # noqa: E402
 from efficient_rlvr.cost import CostAwareSampler, rollout_costs  # noqa: E402
@@ -76,12 +78,8 @@ def loss_setup(tmp_path_factory, chain_sum_splits):
     model_dir = save_random_model(str(tmp_path_factory.mktemp("cost_tiny")), seed=0)
     train_ds, _ = chain_sum_splits
     out = str(tmp_path_factory.mktemp("cost_loss"))
-    kwargs = dict(
-        output_dir=out,
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        seed=0,
+    kwargs = cpu_grpo_kwargs(
+        out,
         per_device_train_batch_size=16,
         gradient_accumulation_steps=2,
         num_generations=4,
@@ -89,10 +87,6 @@ def loss_setup(tmp_path_factory, chain_sum_splits):
         max_steps=1,
         learning_rate=1e-3,
         save_strategy="no",
-        top_k=0,
-        beta=0.0,
-        loss_type="dapo",
-        disable_tqdm=True,
         cost_aware_sampling=True,
     )
     trainer = _trainer(model_dir, train_ds, kwargs)
@@ -253,12 +247,8 @@ def test_training_logs_consistent_cost_metrics_and_resume_repeats_draws(base_mod
     rows (counted from the micro-batches themselves), cost/full_batch_tokens matches TRL's own token counter, and a run
     resumed from the step-2 checkpoint draws exactly what the uninterrupted run drew next."""
     train_ds, _ = chain_sum_splits
-    kwargs = dict(
-        output_dir=str(tmp_path / "run"),
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        seed=0,
+    kwargs = cpu_grpo_kwargs(
+        str(tmp_path / "run"),
         per_device_train_batch_size=16,
         gradient_accumulation_steps=2,
         num_iterations=2,
@@ -270,10 +260,6 @@ def test_training_logs_consistent_cost_metrics_and_resume_repeats_draws(base_mod
         logging_steps=1,
         save_strategy="steps",
         save_steps=2,
-        top_k=0,
-        beta=0.0,
-        loss_type="dapo",
-        disable_tqdm=True,
         cost_aware_sampling=True,
         cost_num_draws=24,
     )
@@ -394,12 +380,8 @@ def _two_process_worker(out_dir: str, model_dir: str) -> None:
     trainer = _trainer(
         model_dir,
         train_ds,
-        dict(
-            output_dir=os.path.join(out_dir, "run"),
-            use_cpu=True,
-            bf16=False,
-            report_to="none",
-            seed=0,
+        cpu_grpo_kwargs(
+            os.path.join(out_dir, "run"),
             per_device_train_batch_size=8,
             gradient_accumulation_steps=2,
             num_generations=4,
@@ -409,10 +391,6 @@ def _two_process_worker(out_dir: str, model_dir: str) -> None:
             lr_scheduler_type="constant",
             logging_steps=1,
             save_strategy="no",
-            top_k=0,
-            beta=0.0,
-            loss_type="dapo",
-            disable_tqdm=True,
             cost_aware_sampling=True,
             cost_num_draws=27,
         ),

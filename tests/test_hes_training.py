@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from grpo_args import cpu_grpo_kwargs
 from transformers import AutoModelForCausalLM
 
 from efficient_rlvr import EfficientGRPOConfig, EfficientGRPOTrainer
@@ -25,18 +26,10 @@ G = 4
 
 
 def _kwargs(output_dir, **overrides):
-    kw = dict(
-        output_dir=output_dir,
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        seed=0,
-        top_k=0,
-        beta=0.0,
-        loss_type="dapo",
+    kw = cpu_grpo_kwargs(
+        output_dir,
         lr_scheduler_type="constant",
         logging_steps=1,
-        disable_tqdm=True,
         save_strategy="no",
         per_device_train_batch_size=32,  # 8 prompts x 4 per step
         num_generations=G,

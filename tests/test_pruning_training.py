@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+from grpo_args import VLLM_COLOCATE, cpu_grpo_kwargs
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from efficient_rlvr import EfficientGRPOConfig, EfficientGRPOTrainer
@@ -33,12 +34,8 @@ MIN_SURVIVORS = 2
 
 
 def _kwargs(output_dir: str, **overrides) -> dict:
-    kwargs = dict(
-        output_dir=output_dir,
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        seed=0,
+    kwargs = cpu_grpo_kwargs(
+        output_dir,
         per_device_train_batch_size=128,  # 32 prompts x 4 generations
         num_generations=G,
         max_completion_length=40,
@@ -47,18 +44,11 @@ def _kwargs(output_dir: str, **overrides) -> dict:
         lr_scheduler_type="constant",
         logging_steps=1,
         save_strategy="no",
-        top_k=0,
-        beta=0.0,
-        loss_type="dapo",
-        disable_tqdm=True,
-        use_vllm=True,
-        vllm_mode="colocate",
-        vllm_max_model_length=128,
-        vllm_gpu_memory_utilization=0.3,
         pruning=True,
         pruning_l_detect=L_DETECT,
         pruning_cold_start_steps=COLD_START,
         pruning_min_survivors=MIN_SURVIVORS,
+        **VLLM_COLOCATE,
     )
     kwargs.update(overrides)
     return kwargs

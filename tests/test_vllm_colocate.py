@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from grpo_args import VLLM_COLOCATE, cpu_grpo_kwargs
 from transformers import AutoModelForCausalLM
 from vllm import SamplingParams
 
@@ -26,26 +27,18 @@ def _hf_token_logprobs(model, prompt_ids, completion_ids):
 def trained_colocate(base_model_dir, chain_sum_splits, tmp_path_factory):
     train_ds, eval_ds = chain_sum_splits
     args = EfficientGRPOConfig(
-        output_dir=str(tmp_path_factory.mktemp("colocate")),
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        seed=0,
-        per_device_train_batch_size=16,
-        num_generations=4,
-        max_completion_length=16,
-        max_steps=3,
-        learning_rate=3e-3,  # large on purpose: the weights must move visibly between steps
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        top_k=0,
-        beta=0.0,
-        use_vllm=True,
-        vllm_mode="colocate",
-        vllm_max_model_length=128,
-        vllm_gpu_memory_utilization=0.3,
-        disable_tqdm=True,
+        **cpu_grpo_kwargs(
+            str(tmp_path_factory.mktemp("colocate")),
+            per_device_train_batch_size=16,
+            num_generations=4,
+            max_completion_length=16,
+            max_steps=3,
+            learning_rate=3e-3,  # large on purpose: the weights must move visibly between steps
+            lr_scheduler_type="constant",
+            logging_steps=1,
+            save_strategy="no",
+            **VLLM_COLOCATE,
+        )
     )
     tokenizer = load_tokenizer_for(base_model_dir)
     trainer = EfficientGRPOTrainer(
@@ -124,25 +117,17 @@ def test_tied_embeddings_sync_on_the_cpu_backend(chain_sum_splits, tmp_path):
 
     train_ds, eval_ds = chain_sum_splits
     args = EfficientGRPOConfig(
-        output_dir=str(tmp_path / "out"),
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        seed=0,
-        per_device_train_batch_size=16,
-        num_generations=4,
-        max_completion_length=12,
-        max_steps=2,
-        learning_rate=1e-2,
-        lr_scheduler_type="constant",
-        save_strategy="no",
-        top_k=0,
-        beta=0.0,
-        use_vllm=True,
-        vllm_mode="colocate",
-        vllm_max_model_length=128,
-        vllm_gpu_memory_utilization=0.3,
-        disable_tqdm=True,
+        **cpu_grpo_kwargs(
+            str(tmp_path / "out"),
+            per_device_train_batch_size=16,
+            num_generations=4,
+            max_completion_length=12,
+            max_steps=2,
+            learning_rate=1e-2,
+            lr_scheduler_type="constant",
+            save_strategy="no",
+            **VLLM_COLOCATE,
+        )
     )
     trainer = EfficientGRPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),

@@ -1,0 +1,25 @@
+"""GRPOConfig keyword arguments shared by the tests (imported by test modules and the multi-process scripts)."""
+
+# One CPU process, float32, no trackers, seeded, plain sampling (top-k off), no KL term, dapo loss, quiet progress.
+CPU_BASE = {
+    "use_cpu": True,
+    "bf16": False,
+    "report_to": "none",
+    "seed": 0,
+    "top_k": 0,
+    "beta": 0.0,
+    "loss_type": "dapo",
+    "disable_tqdm": True,
+}
+# A colocated vLLM engine sized for the embedded model's short prompts and completions.
+VLLM_COLOCATE = {
+    "use_vllm": True,
+    "vllm_mode": "colocate",
+    "vllm_max_model_length": 128,
+    "vllm_gpu_memory_utilization": 0.3,
+}
+
+
+def cpu_grpo_kwargs(output_dir: str, **overrides) -> dict:
+    """`CPU_BASE` for `output_dir`, with `overrides` on top."""
+    return {"output_dir": output_dir, **CPU_BASE, **overrides}
