@@ -23,3 +23,21 @@ VLLM_COLOCATE = {
 def cpu_grpo_kwargs(output_dir: str, **overrides) -> dict:
     """`CPU_BASE` for `output_dir`, with `overrides` on top."""
     return {"output_dir": output_dir, **CPU_BASE, **overrides}
+
+
+def verifier_trainer(model_dir: str, train_ds, kwargs: dict):
+    """`EfficientGRPOTrainer` on a float32 model folder with the task's verifier reward and `kwargs` as its config."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from efficient_rlvr import EfficientGRPOConfig, EfficientGRPOTrainer
+    from efficient_rlvr.rewards import verifier_reward
+    from efficient_rlvr.run import load_tokenizer_for
+
+    return EfficientGRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+        reward_funcs=[verifier_reward],
+        args=EfficientGRPOConfig(**kwargs),
+        train_dataset=train_ds,
+        processing_class=load_tokenizer_for(model_dir),
+    )

@@ -14,14 +14,11 @@ import os
 
 import pytest
 import torch
-from grpo_args import cpu_grpo_kwargs
-from transformers import AutoModelForCausalLM
+from grpo_args import cpu_grpo_kwargs, verifier_trainer
 
-from efficient_rlvr import EfficientGRPOConfig, EfficientGRPOTrainer
 from efficient_rlvr.budget import fused_advantages
 from efficient_rlvr.budget.stage import ROLLOUT_GROUPS, ROLLOUT_REWARDS, BudgetStage
 from efficient_rlvr.rewards import verifier_reward
-from efficient_rlvr.run import load_tokenizer_for
 
 G, K_MAX, COST, PROMPTS = 4, 8, 0.0039, 4
 EMA, SHRINK = 0.1, 2.0  # the stage's history prior (HISTORY_EMA, HISTORY_SHRINKAGE)
@@ -48,16 +45,6 @@ def _kwargs(output_dir, **overrides):
     )
     kw.update(overrides)
     return kw
-
-
-def _trainer(model_dir, train_ds, kwargs):
-    return EfficientGRPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
-        reward_funcs=[verifier_reward],
-        args=EfficientGRPOConfig(**kwargs),
-        train_dataset=train_ds,
-        processing_class=load_tokenizer_for(model_dir),
-    )
 
 
 def _record(trainer):
@@ -88,7 +75,7 @@ def _record(trainer):
 def v05_run(base_model_dir, chain_sum_splits, tmp_path_factory):
     train_ds, _ = chain_sum_splits
     kwargs = _kwargs(str(tmp_path_factory.mktemp("v05") / "out"))
-    trainer = _trainer(base_model_dir, train_ds, kwargs)
+    trainer = verifier_trainer(base_model_dir, train_ds, kwargs)
     calls = _record(trainer)
     trainer.train()
     return {"trainer": trainer, "calls": calls, "kwargs": kwargs, "train_ds": train_ds, "model_dir": base_model_dir}
@@ -231,7 +218,7 @@ def test_resume_restores_prior_and_repeats_decisions(v05_run, tmp_path):
     checkpoint = os.path.join(run["kwargs"]["output_dir"], "checkpoint-2")
     assert os.path.exists(os.path.join(checkpoint, "efficient_rlvr_state.pt"))
     kwargs = dict(run["kwargs"], output_dir=str(tmp_path / "resumed"))
-    trainer = _trainer(run["model_dir"], run["train_ds"], kwargs)
+    trainer = verifier_trainer(run["model_dir"], run["train_ds"], kwargs)
     calls = _record(trainer)
     trainer.train(resume_from_checkpoint=checkpoint)
     assert len(calls) == 1 and trainer.state.global_step == 3
@@ -279,7 +266,7 @@ def test_stage_validates_its_configuration(base_model_dir, chain_sum_splits, tmp
     train_ds, _ = chain_sum_splits
     kwargs = _kwargs(str(tmp_path / "out"), num_generations=8, per_device_train_batch_size=16)
     with pytest.raises(ValueError, match="budget_k_init"):
-        _trainer(base_model_dir, train_ds, kwargs)
+        verifier_trainer(base_model_dir, train_ds, kwargs)
     with pytest.raises(ValueError, match="value_prior"):
         BudgetStage.__new__(BudgetStage)._as_prior(42)
 

@@ -12,15 +12,11 @@ import math
 
 import pytest
 import torch
-from grpo_args import cpu_grpo_kwargs
-from transformers import AutoModelForCausalLM
+from grpo_args import cpu_grpo_kwargs, verifier_trainer
 
-from efficient_rlvr import EfficientGRPOConfig, EfficientGRPOTrainer
 from efficient_rlvr.budget.stage import ROLLOUT_GROUPS, ROLLOUT_REWARDS
 from efficient_rlvr.hes import PosHighNegRand
 from efficient_rlvr.hes.stage import HESSelectionStage
-from efficient_rlvr.rewards import verifier_reward
-from efficient_rlvr.run import load_tokenizer_for
 
 G = 4
 
@@ -41,16 +37,6 @@ def _kwargs(output_dir, **overrides):
     )
     kw.update(overrides)
     return kw
-
-
-def _trainer(model_dir, train_ds, kwargs):
-    return EfficientGRPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
-        reward_funcs=[verifier_reward],
-        args=EfficientGRPOConfig(**kwargs),
-        train_dataset=train_ds,
-        processing_class=load_tokenizer_for(model_dir),
-    )
 
 
 @torch.no_grad()
@@ -103,7 +89,7 @@ def _record(trainer):
 @pytest.fixture(scope="module")
 def hes_run(base_model_dir, chain_sum_splits, tmp_path_factory):
     train_ds, _ = chain_sum_splits
-    trainer = _trainer(base_model_dir, train_ds, _kwargs(str(tmp_path_factory.mktemp("hes") / "out")))
+    trainer = verifier_trainer(base_model_dir, train_ds, _kwargs(str(tmp_path_factory.mktemp("hes") / "out")))
     calls = _record(trainer)
     trainer.train()
     return trainer, calls
@@ -178,7 +164,7 @@ def test_hes_after_the_budget_stage_uses_variable_groups(base_model_dir, chain_s
         budget_k_init=G,
         budget_k_max=8,
     )
-    trainer = _trainer(base_model_dir, train_ds, kwargs)
+    trainer = verifier_trainer(base_model_dir, train_ds, kwargs)
     calls = _record(trainer)
     trainer.train()
     (call,) = calls
@@ -209,7 +195,7 @@ def test_keeping_everything_trains_exactly_like_vanilla(base_model_dir, chain_su
     train_ds, _ = chain_sum_splits
     runs = []
     for name, extra in (("off", {"hes_selection": False}), ("all", {"hes_keep_fraction": 1.0})):
-        trainer = _trainer(base_model_dir, train_ds, _kwargs(str(tmp_path / name), **extra))
+        trainer = verifier_trainer(base_model_dir, train_ds, _kwargs(str(tmp_path / name), **extra))
         trainer.train()
         runs.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
         params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
