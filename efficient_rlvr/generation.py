@@ -11,16 +11,29 @@ DeepSpeed/FSDP gathering); two things change in colocate mode:
    reload does not refresh; it is re-packed here.
 2. dtype. TRL builds `vllm.LLM` without a dtype, so vLLM-CPU samples in bfloat16 under a float32 trainer. The
    engine is built with the trainer's dtype (`EfficientGRPOConfig.vllm_dtype`).
+
+What the colocate sync sends is what TRL 1.16 sends (`VLLMGeneration._iter_named_params`):
+
+- Plain model: each parameter under its own name, gathered one at a time under DeepSpeed ZeRO-3
+  (`deepspeed.zero.GatheredParameters` through TRL's `DistributedBackend.gather_params`) or FSDP.
+- PEFT model (`peft_config`): every parameter gathered at once (ZeRO-3), the adapter merged into the base weights
+  (`merge_adapter`), the base names restored (`base_model.model.` prefix and `.base_layer` removed; adapter
+  tensors such as `lora_A`/`lora_B` skipped; `modules_to_save` copies sent under the original name, the frozen
+  `original_module` skipped), then `unmerge_adapter`. One difference from TRL: the adapter stays merged until
+  vLLM's reload has finished (TRL unmerges when its generator is exhausted, but vLLM finishes some layers after the
+  last weight, e.g. vocabulary-padded embeddings, and would then read unmerged values), and it is unmerged in a
+  `finally`, so an error during the reload cannot leave the merged delta in the trained weights.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
+from accelerate.utils import is_peft_model
 from trl.generation import vllm_generation as _trl_vllm_generation
 from trl.generation.vllm_generation import VLLMGeneration, empty_cache
 
@@ -84,9 +97,54 @@ class EfficientVLLMGeneration(VLLMGeneration):
             self.llm.wake_up(tags=["weights"])
             self._llm_weights_sleeping = False
         runner = colocated_model_runner(self.llm)
-        runner.reload_weights(weights_iterator=self._iter_named_params(), is_checkpoint_format=True)
+        with self.vllm_weights() as weights:
+            runner.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
         _repack_tied_cpu_lm_head(runner.get_model())
         self.llm.reset_prefix_cache()
+
+    @contextlib.contextmanager
+    def vllm_weights(self) -> Iterator[Iterable[tuple[str, torch.Tensor]]]:
+        """`(vLLM name, full tensor)` of the policy's weights, valid until the context exits (module docstring).
+
+        Every process must enter it and exhaust the iterator: under ZeRO-3/FSDP gathering is a collective. For a
+        PEFT model the adapter is merged into the base weights for the whole context and unmerged on exit.
+        """
+        model = self.model
+        if not is_peft_model(model):
+            yield self._iter_named_params()  # TRL's own walk: per-parameter gathering, FSDP, name fixing
+            return
+        # Merging a sharded adapter is not supported: gather the whole model first (a no-op without ZeRO-3).
+        with self._dist.gather_params(list(model.parameters())):
+            model.merge_adapter()
+            try:
+                if self._dist.is_fsdp:
+                    yield self._iter_fsdp_params(model)  # TRL's FSDP walk (fixes the PEFT names itself)
+                else:
+                    yield self._iter_merged_peft_params(model)
+            finally:
+                model.unmerge_adapter()
+
+    def _iter_merged_peft_params(self, model: Any) -> Iterator[tuple[str, torch.Tensor]]:
+        """The base-model parameters of a PEFT model whose adapter is merged, under the names vLLM loads."""
+        adapter_prefix = model.prefix  # e.g. "lora_": the adapter's own tensors, already merged
+        for name, param in model.named_parameters():
+            if adapter_prefix in name or "original_module" in name:
+                continue
+            yield peft_name_to_vllm(name, self._fix_param_name_to_vllm), param.data
+
+
+def peft_name_to_vllm(name: str, fix: Callable[[str], str] | None = None) -> str:
+    """Name of a (merged) PEFT model parameter in the base checkpoint, as vLLM loads it.
+
+    `base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight` -> `model.layers.0.self_attn.q_proj.weight`;
+    `base_model.model.lm_head.modules_to_save.default.weight` -> `lm_head.weight`. `fix` (TRL's
+    `_fix_param_name_to_vllm`) then removes wrapper prefixes such as activation checkpointing's.
+    """
+    name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+    if ".modules_to_save." in name:  # `<module>.modules_to_save.<adapter name>.<param>` -> `<module>.<param>`
+        head, _, tail = name.partition(".modules_to_save.")
+        name = f"{head}.{tail.partition('.')[2]}"
+    return fix(name) if fix is not None else name
 
 
 def _repack_tied_cpu_lm_head(model: torch.nn.Module) -> None:

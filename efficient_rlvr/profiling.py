@@ -12,7 +12,11 @@
 - `rollouts/generated`, `rollouts/tokens_generated`: completions and completion tokens this process generated this
   step, counted where they leave the generator (so rollouts that later stages drop, and tokens never decoded
   because a rollout was pruned, are counted as they happened); `rollouts/cumulative`,
-  `rollouts/cumulative_tokens`: since the start.
+  `rollouts/cumulative_tokens`: since the start;
+- `loss/tokens`: policy-optimization tokens, the completion tokens of the rows that reach the loss (each drawn row
+  counts every time it is drawn: cost-aware sampling draws with replacement); `loss/informative_rollouts`: rows
+  reaching the loss with a non-zero advantage and at least one completion token (rollouts of groups with non-zero
+  reward variance; inert padding rows and zero-variance groups are not counted); both also as `*_cumulative`.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ class PhaseTimer:
         self._in_generation_batch = False
         self.rollouts = 0
         self.tokens = 0
+        self.loss_tokens = 0
+        self.informative_rollouts = 0
 
     @classmethod
     def attach(cls, trainer: Any) -> PhaseTimer:
@@ -41,6 +47,19 @@ class PhaseTimer:
         timer._wrap(trainer, "_generate_single_turn", "generation", count_rollouts=True)
         timer._wrap(trainer, "_calculate_rewards", "reward")
         timer._wrap(trainer, "_get_per_token_logps_and_entropies", "logprobs", only_in_generation_batch=True)
+        original_loss = trainer._compute_loss
+
+        @functools.wraps(original_loss)
+        def compute_loss(model: Any, inputs: dict[str, Any]) -> Any:
+            if trainer.model.training:
+                mask = inputs["completion_mask"]  # [b, C]
+                tokens = mask.sum(dim=1)  # [b]
+                informative = (inputs["advantages"].reshape(tokens.shape[0], -1)[:, 0] != 0) & (tokens > 0)  # [b]
+                timer._step["loss_tokens"] += float(tokens.sum())
+                timer._step["informative"] += float(informative.sum())
+            return original_loss(model, inputs)
+
+        trainer._compute_loss = compute_loss
         original_gs = trainer._generate_and_score_completions
         original_step = trainer.training_step
 
@@ -107,4 +126,10 @@ class PhaseTimer:
         metrics["rollouts/tokens_generated"].append(self._step["tokens"])
         metrics["rollouts/cumulative"].append(float(self.rollouts))
         metrics["rollouts/cumulative_tokens"].append(float(self.tokens))
+        self.loss_tokens += int(self._step["loss_tokens"])
+        self.informative_rollouts += int(self._step["informative"])
+        metrics["loss/tokens"].append(self._step["loss_tokens"])
+        metrics["loss/informative_rollouts"].append(self._step["informative"])
+        metrics["loss/tokens_cumulative"].append(float(self.loss_tokens))
+        metrics["loss/informative_rollouts_cumulative"].append(float(self.informative_rollouts))
         self._step.clear()

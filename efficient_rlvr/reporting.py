@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -29,14 +30,28 @@ class MetricsRecorder(TrainerCallback):
         self.print_progress = print_progress
         self.records: list[dict[str, Any]] = []
         self._start: float | None = None
+        self.paused_seconds = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._start = time.perf_counter()
 
+    def training_seconds(self) -> float:
+        """Seconds since training began, without the time spent in `paused()` blocks (held-out evaluations)."""
+        return 0.0 if self._start is None else time.perf_counter() - self._start - self.paused_seconds
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Stop the training clock inside the block (so periodic evaluations do not count as training time)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_seconds += time.perf_counter() - start
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or self._start is None:
             return
-        record = {"step": state.global_step, "wall_time": time.perf_counter() - self._start, **logs}
+        record = {"step": state.global_step, "wall_time": self.training_seconds(), **logs}
         self.records.append(record)
         self._write()
         if self.print_progress and "reward" in logs:
@@ -59,6 +74,30 @@ class MetricsRecorder(TrainerCallback):
             writer = csv.DictWriter(f, fieldnames=keys)
             writer.writeheader()
             writer.writerows(self.records)
+
+
+class PeriodicEvaluation(TrainerCallback):
+    """Run `evaluate()` every `every_steps` optimizer steps with the recorder's clock paused; keep the curve.
+
+    `curve` holds `(training_seconds, step, accuracy)` points (main process only; `evaluate` returns a dict with an
+    ``accuracy`` key, or an empty dict on other processes); the benchmark reads the time to a target accuracy off it.
+    """
+
+    def __init__(self, evaluate: Any, recorder: MetricsRecorder, every_steps: int):
+        if every_steps < 1:
+            raise ValueError(f"every_steps must be >= 1, got {every_steps}.")
+        self.evaluate = evaluate
+        self.recorder = recorder
+        self.every_steps = every_steps
+        self.curve: list[tuple[float, int, float]] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every_steps or state.global_step == state.max_steps:
+            return  # the final evaluation is the caller's
+        with self.recorder.paused():
+            result = self.evaluate()
+        if "accuracy" in result:
+            self.curve.append((self.recorder.training_seconds(), state.global_step, float(result["accuracy"])))
 
 
 def plot_reward_vs_time(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -21,7 +22,7 @@ from trl import GRPOConfig, GRPOTrainer, ModelConfig, get_peft_config
 from .config import EfficientGRPOConfig
 from .generation import use_efficient_vllm_generation
 from .profiling import PhaseTimer
-from .reporting import MetricsRecorder, plot_reward_vs_time
+from .reporting import MetricsRecorder, PeriodicEvaluation, plot_reward_vs_time
 from .trainer import EfficientGRPOTrainer
 
 EMBEDDED = "embedded"
@@ -57,6 +58,13 @@ class RunArguments:
     torch_threads: int | None = field(
         default=None, metadata={"help": "torch.set_num_threads for this process (None: torch's default)."}
     )
+    eval_every_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Also measure held-out accuracy every N optimizer steps (training clock paused; the benchmark "
+            "reads time-to-reward off this curve). None: only before and after training."
+        },
+    )
 
 
 def resolve_model_path(name_or_path: str | None) -> str:
@@ -90,10 +98,70 @@ def reward_functions(name: str) -> list:
     return table[name]
 
 
+def load_datasets(
+    run_args: RunArguments,
+    training_args: GRPOConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    model_path: str,
+) -> tuple[Any, Any]:
+    """The (train, eval) splits of `run_args.dataset_name`, checked before any model weights are loaded.
+
+    Errors are ValueErrors naming `dataset_name` / `dataset_prompt_column`: a dataset that cannot be loaded, a missing
+    prompt column, an empty split, or a prompt too long for the model (tokenized prompt + `max_completion_length`
+    beyond `max_position_embeddings`, or beyond `vllm_max_model_length` for a colocated vLLM engine; the held-out
+    split is checked against its generation length `eval_max_new_tokens`). Large splits are checked on their longest
+    prompts only (see `efficient_rlvr.checks`).
+    """
+    from transformers import AutoConfig
+
+    from .checks import check_prompt_dataset, default_prompt_tokenizer, model_max_positions
+    from .tasks import is_reasoning_gym_task, load_task_splits
+
+    name, column = run_args.dataset_name, run_args.dataset_prompt_column
+    where = f"dataset_name={name!r}"
+    if is_reasoning_gym_task(name):
+        if column != "prompt":
+            warnings.warn(
+                f"dataset_prompt_column={column!r} is ignored: {where} is a reasoning-gym task, generated with a "
+                "'prompt' column.",
+                stacklevel=2,
+            )
+    else:
+        where += f", dataset_prompt_column={column!r}"
+    try:
+        train_ds, eval_ds = load_task_splits(
+            name,
+            train_size=run_args.train_size,
+            eval_size=run_args.eval_size,
+            seed=run_args.task_seed,
+            prompt_column=column,
+        )
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from err
+    max_positions = model_max_positions(AutoConfig.from_pretrained(model_path))
+    tokenize = default_prompt_tokenizer(tokenizer, getattr(training_args, "chat_template_kwargs", None))
+    colocated = getattr(training_args, "use_vllm", False) and getattr(training_args, "vllm_mode", "") == "colocate"
+    vllm_cap = training_args.vllm_max_model_length if colocated else None
+    for split, ds, length, cap in (
+        ("train", train_ds, training_args.max_completion_length, vllm_cap),
+        ("eval", eval_ds, run_args.eval_max_new_tokens or training_args.max_completion_length, None),
+    ):
+        check_prompt_dataset(
+            ds,
+            tokenize,
+            max_completion_length=int(length),
+            max_positions=max_positions,
+            vllm_max_model_length=cap,
+            name=f"{where} ({split} split)",
+            column="prompt",  # load_task_splits puts every prompt in a 'prompt' column
+            seed=run_args.task_seed,
+        )
+    return train_ds, eval_ds
+
+
 def train(run_args: RunArguments, training_args: GRPOConfig, model_args: ModelConfig | None = None) -> dict[str, Any]:
     """Run one training job and return its summary (also written to `summary.json`)."""
     from .evaluation import evaluate_accuracy
-    from .tasks import load_task_splits
 
     if run_args.trainer not in ("efficient", "trl"):
         raise ValueError(f"trainer must be 'efficient' or 'trl', got {run_args.trainer!r}")
@@ -105,13 +173,7 @@ def train(run_args: RunArguments, training_args: GRPOConfig, model_args: ModelCo
     rewards = reward_functions(run_args.reward)  # fail on a bad name before any data or model work
     model_path = resolve_model_path(model_args.model_name_or_path)
     tokenizer = load_tokenizer_for(model_path)
-    train_ds, eval_ds = load_task_splits(
-        run_args.dataset_name,
-        train_size=run_args.train_size,
-        eval_size=run_args.eval_size,
-        seed=run_args.task_seed,
-        prompt_column=run_args.dataset_prompt_column,
-    )
+    train_ds, eval_ds = load_datasets(run_args, training_args, tokenizer, model_path)
     dtype = model_args.dtype if model_args.dtype not in (None, "auto") else "float32"
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
 
@@ -149,12 +211,16 @@ def train(run_args: RunArguments, training_args: GRPOConfig, model_args: ModelCo
         return result
 
     before = held_out() if is_main else {}
+    periodic = None
+    if run_args.eval_every_steps:
+        periodic = PeriodicEvaluation(lambda: held_out() if is_main else {}, recorder, run_args.eval_every_steps)
+        trainer.add_callback(periodic)
     if is_main:
         print(f"held-out accuracy before training: {_fmt_eval(before)}", flush=True)
     trainer.accelerator.wait_for_everyone()
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    train_seconds = time.perf_counter() - start
+    train_seconds = time.perf_counter() - start - recorder.paused_seconds
     trainer.save_model(training_args.output_dir)
     after = held_out() if is_main else {}
 
@@ -171,6 +237,12 @@ def train(run_args: RunArguments, training_args: GRPOConfig, model_args: ModelCo
             "phase_seconds": dict(timer.total),
             "rollouts_generated": timer.rollouts,
             "tokens_generated": timer.tokens,
+            "loss_tokens": timer.loss_tokens,
+            "informative_rollouts": timer.informative_rollouts,
+            "eval_seconds_during_training": recorder.paused_seconds,
+            "eval_curve": [(0.0, 0, before.get("accuracy"))]
+            + (periodic.curve if periodic else [])
+            + [(train_seconds, trainer.state.global_step, after.get("accuracy"))],
             "eval_before": before,
             "eval_after": after,
             "run_args": asdict(run_args),
@@ -181,7 +253,7 @@ def train(run_args: RunArguments, training_args: GRPOConfig, model_args: ModelCo
             {run_args.trainer: recorder.records},
             os.path.join(training_args.output_dir, "reward_vs_time.png"),
             title=f"{run_args.dataset_name}: train reward and held-out accuracy (T=1)",
-            evals={run_args.trainer: [(0.0, before["accuracy"]), (train_seconds, after["accuracy"])]},
+            evals={run_args.trainer: [(t, acc) for t, _, acc in summary["eval_curve"]]},
         )
     trainer.accelerator.wait_for_everyone()
     return summary

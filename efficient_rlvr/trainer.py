@@ -7,7 +7,8 @@ each stage is absent, so the trainer runs TRL's own code and behaves exactly lik
     -> generate               `rollout_generation.generate(trainer, ...)`          (ARRoL pruning; pruning/stage.py)
     -> score                  TRL's reward functions (gathered over processes)
     -> baseline/advantages,   `stage.process(trainer, rows, batch, rewards)` for each of `batch_stages`, in order:
-       drop rows              pruned rollouts, the zero-variance gate, the V0.5 baseline, HES trajectory selection
+       drop rows              pruned rollouts, the zero-variance gate, the V0.5 baseline, HES trajectory selection,
+                              zero-advantage rows (exact skip, cost/skip.py)
     -> minibatch sampling     `minibatch_sampler.split(trainer, batch, n)`        (Cost-Aware GRPO; cost/stage.py)
     -> loss                   TRL's loss; rows carrying `sample_weights` are importance-weighted (cost/weighting.py)
 
@@ -36,7 +37,7 @@ from trl.trainer.utils import (
     unsplit_pixel_values_by_grid,
 )
 
-from .batch import split_rows
+from .batch import annotate_rows, split_rows
 from .config import EfficientGRPOConfig
 from .generation import use_efficient_vllm_generation
 
@@ -87,6 +88,9 @@ class EfficientGRPOTrainer(GRPOTrainer):
         }
         if self.components:
             self.add_callback(_StepEndCallback(self))
+        from .checks import check_training_setup
+
+        check_training_setup(self)  # reward guard; train dataset columns, size and prompt lengths
 
     def _build_stages(self, args: EfficientGRPOConfig) -> None:
         """Build the stage of every method switched on (imports stay lazy: a method that is off costs nothing)."""
@@ -111,6 +115,10 @@ class EfficientGRPOTrainer(GRPOTrainer):
             from .hes.stage import HESSelectionStage
 
             self.batch_stages.append(HESSelectionStage(self, args))
+        if args.skip_zero_advantage:
+            from .cost.skip import ZeroAdvantageSkip
+
+            self.batch_stages.append(ZeroAdvantageSkip(self, args))
         if args.cost_aware_sampling:
             from .cost.stage import CostAwareStage
 
@@ -144,8 +152,13 @@ class EfficientGRPOTrainer(GRPOTrainer):
         return self.rollout_generation.generate(self, prompt_ids, images, multimodal_fields, num_generations)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        # Extends TRL 1.16.0 `GRPOTrainer._calculate_rewards`: keeps the gathered rewards for the batch stages.
-        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        # Extends TRL 1.16.0 `GRPOTrainer._calculate_rewards`: keeps the gathered rewards for the batch stages;
+        # reward-function faults raise on every process, non-finite rewards count as None (checks.py).
+        from .checks import reward_guard
+
+        guard = reward_guard(self)
+        compute = super()._calculate_rewards
+        rewards_per_func = guard.calculate(self, compute, inputs, prompts, completions, completion_ids_list)
         self._last_rewards_per_func = rewards_per_func
         return rewards_per_func
 
@@ -166,8 +179,14 @@ class EfficientGRPOTrainer(GRPOTrainer):
         if not self.model.training:
             return output
         rewards = self.last_rewards() if self.batch_stages else None
+        if self.batch_stages:  # each row carries its reward and group, so stages may drop or add rows (batch.py)
+            output = annotate_rows(output, rewards, self.accelerator.process_index, self.num_generations)
         for stage in self.batch_stages:
             output = stage.process(self, inputs, output, rewards)
+        if rewards is not None:  # TRL's frac_reward_zero_std counts pruned rollouts as scored 0: judge on known ones
+            self._metrics["train"]["frac_reward_zero_std_known"].append(
+                _zero_variance_share(rewards, self.num_generations)
+            )
         if self.prompt_selection is not None:
             self.prompt_selection.observe(self, inputs, rewards if rewards is not None else self.last_rewards())
         return output
@@ -184,7 +203,23 @@ class EfficientGRPOTrainer(GRPOTrainer):
         if self.model.training:
             for component in self.components.values():
                 logs.update(component.metrics())
+            from .checks import pop_reward_metrics
+
+            logs.update(pop_reward_metrics(self))
         super().log(logs, start_time)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Model card: extends TRL 1.16.0 `create_model_card` (used by `push_to_hub` and TRL's `_save_checkpoint`) with
+    # the methods switched on, their papers, non-default efficiency fields and the run's savings (efficient_rlvr.card).
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+    ) -> None:
+        from .card import create_model_card
+
+        create_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags)
 
     # ------------------------------------------------------------------------------------------------------------
     # Checkpoints keep every component's state (history, buffers, optimizers, RNGs).
@@ -211,6 +246,16 @@ class EfficientGRPOTrainer(GRPOTrainer):
             if name not in state:
                 raise KeyError(f"{path} has no state for component {name!r} (it has {sorted(state)}).")
             component.load_state_dict(state[name])
+
+
+def _zero_variance_share(rewards: torch.Tensor, group_size: int) -> float:
+    """Share of the generation batch's groups whose known rewards (`[N_global]`, NaN = unknown) cannot differ."""
+    groups = rewards.detach().float().cpu().view(-1, group_size)  # [B, G]
+    known = torch.isfinite(groups)
+    high = torch.where(known, groups, -torch.inf).max(dim=1).values
+    low = torch.where(known, groups, torch.inf).min(dim=1).values
+    flat = (known.sum(dim=1) < 2) | (high <= low)
+    return float(flat.float().mean())
 
 
 class _StepEndCallback(TrainerCallback):

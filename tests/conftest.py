@@ -4,6 +4,7 @@ Tests pin torch to one thread: on a busy 2-core machine tiny matmuls with 2 Open
 (spin-wait), and one thread makes runs bit-reproducible.
 """
 
+import gc
 import os
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -18,6 +19,26 @@ import torch  # noqa: E402
 from grpo_args import cpu_grpo_kwargs  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+# Module order around vLLM's process-global state. tests/test_peft.py keeps two colocated engines alive at once (two
+# module-scoped LoRA trainers); an engine built after that module in the same process fails in its warm-up ("pipeline
+# model parallel group is not initialized": the old engines' shutdown tears down the parallel groups), even after
+# garbage collection. So the modules that build a bare `vllm.LLM` run first and test_peft.py runs last.
+FIRST_MODULES = ("test_pruning_engine.py",)
+LAST_MODULES = ("test_peft.py",)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Stable sort: FIRST_MODULES, then every other module in its usual order, then LAST_MODULES."""
+    items.sort(key=lambda item: (item.path.name not in FIRST_MODULES) + (item.path.name in LAST_MODULES))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_engines_between_modules():
+    """Collect the engines a module's trainers left behind before the next module builds its own."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

@@ -16,8 +16,9 @@ import pytest
 import torch
 from grpo_args import cpu_grpo_kwargs, verifier_trainer
 
+from efficient_rlvr.batch import ROLLOUT_GROUPS, ROLLOUT_REWARDS
 from efficient_rlvr.budget import fused_advantages
-from efficient_rlvr.budget.stage import ROLLOUT_GROUPS, ROLLOUT_REWARDS, BudgetStage
+from efficient_rlvr.budget.stage import BudgetStage
 from efficient_rlvr.rewards import verifier_reward
 
 G, K_MAX, COST, PROMPTS = 4, 8, 0.0039, 4

@@ -191,7 +191,10 @@ def test_sampled_micro_batches_weight_each_rollout(loss_setup, loss_type):
     ],
 )
 def test_unweightable_setups_are_refused(grpo_kwargs, overrides, field):
-    args = EfficientGRPOConfig(**grpo_kwargs(cost_aware_sampling=True, **overrides))
+    with pytest.raises(ValueError, match=field):  # at config construction, through check_cost_aware_config
+        EfficientGRPOConfig(**grpo_kwargs(cost_aware_sampling=True, **overrides))
+    args = EfficientGRPOConfig(**grpo_kwargs(**overrides))  # the same fields are fine without the method
+    args.cost_aware_sampling = True
     with pytest.raises(ValueError, match=field):
         check_cost_aware_config(args, num_processes=1)
     check_cost_aware_config(EfficientGRPOConfig(**grpo_kwargs(cost_aware_sampling=True)), num_processes=1)

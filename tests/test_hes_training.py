@@ -14,7 +14,7 @@ import pytest
 import torch
 from grpo_args import cpu_grpo_kwargs, verifier_trainer
 
-from efficient_rlvr.budget.stage import ROLLOUT_GROUPS, ROLLOUT_REWARDS
+from efficient_rlvr.batch import ROLLOUT_GROUPS, ROLLOUT_REWARDS
 from efficient_rlvr.hes import PosHighNegRand
 from efficient_rlvr.hes.stage import HESSelectionStage
 
@@ -185,7 +185,8 @@ def test_hes_after_the_budget_stage_uses_variable_groups(base_model_dir, chain_s
 def test_hes_needs_generation_order_or_row_annotations(hes_run):
     trainer, calls = hes_run
     stage = HESSelectionStage(trainer, trainer.args)
-    batch = {k: (v[:-1] if isinstance(v, torch.Tensor) and v.dim() else v) for k, v in calls[0]["in"].items()}
+    unannotated = {k: v for k, v in calls[0]["in"].items() if k not in (ROLLOUT_REWARDS, ROLLOUT_GROUPS)}
+    batch = {k: (v[:-1] if isinstance(v, torch.Tensor) and v.dim() else v) for k, v in unannotated.items()}
     with pytest.raises(ValueError, match="generation order"):
         stage.process(trainer, [{}] * calls[0]["in"]["completion_ids"].shape[0], batch, calls[0]["rewards"])
 

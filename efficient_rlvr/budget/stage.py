@@ -44,8 +44,11 @@ Metrics (``budget/``): from `RolloutBudget` (mean/min/max k, share stopped at k_
 1 - w, rollouts vs a fixed-G = k_max run, rounds) and the prior (``budget/prior_*``), plus the step's extra and
 padding rollouts, reward over all rollouts, seconds spent in extra rounds and cumulative totals.
 
-Not supported: vLLM server mode (TRL generates G completions per unique prompt there, so rows must come in blocks
-of G) and earlier stages that drop rows (dynamic sampling; the batch must be in generation order).
+After pruning: the first round is the rows the pruning stage kept (each row's ``rollout_rewards`` /
+``rollout_groups``), so a pruned group enters the decisions and the fused baseline with its survivors only.
+
+Not supported: vLLM server mode with ``budget_adaptive`` (TRL generates G completions per unique prompt there, so rows
+must come in blocks of G) and dynamic sampling before this stage (its refills bring prompts of other batches).
 """
 
 from __future__ import annotations
@@ -57,7 +60,15 @@ from typing import Any
 
 import torch
 
-from ..batch import concat_batches, keep_rows, local_row_count
+from ..batch import (
+    ROLLOUT_GROUPS,
+    ROLLOUT_REWARDS,
+    annotate_rows,
+    concat_batches,
+    gather_row_annotations,
+    keep_rows,
+    local_row_count,
+)
 from ..selection.base import prompt_key
 from .adaptive import RolloutBudget
 from .baseline import fused_advantages, fusion_stats
@@ -72,9 +83,6 @@ DEFAULT_STEP = 1
 HISTORY_EMA = 0.1
 HISTORY_SHRINKAGE = 2.0
 HISTORY_MAX_PROMPTS = 200_000
-
-ROLLOUT_REWARDS = "rollout_rewards"
-ROLLOUT_GROUPS = "rollout_groups"
 
 
 def _per_process_rows(total: int, num_processes: int, group_size: int) -> int:
@@ -117,10 +125,10 @@ class BudgetStage:
                 f"num_generations = budget_k_init (got num_generations={self.num_generations}, "
                 f"budget_k_init={args.budget_k_init})."
             )
-        if self.adaptive and getattr(args, "dynamic_sampling", False):
+        if getattr(args, "dynamic_sampling", False):
             raise ValueError(
-                "budget_adaptive=True cannot follow dynamic_sampling=True: the zero-variance gate drops and refills "
-                "groups, so the batch is no longer the first round in generation order; turn one of them off."
+                "budget_baseline / budget_adaptive cannot follow dynamic_sampling=True: the zero-variance gate refills "
+                "the batch with other prompts, so V0.5 no longer sees the step's own groups; turn one of them off."
             )
         if self.adaptive and getattr(trainer, "use_vllm", False) and getattr(trainer, "vllm_mode", "") == "server":
             raise ValueError(
@@ -185,16 +193,8 @@ class BudgetStage:
         accelerator = trainer.accelerator
         n_proc, rank = accelerator.num_processes, accelerator.process_index
         n_local = len(rows)
-        if local_row_count(batch) != n_local:
-            raise ValueError(
-                f"BudgetStage needs the batch in generation order ({n_local} rows per process), got "
-                f"{local_row_count(batch)} rows: an earlier stage dropped rows."
-            )
-        if rewards is None:
-            rewards = trainer.last_rewards()
-        first = rewards.detach().float().cpu().reshape(-1)  # [N_global]
-        if first.numel() != n_local * n_proc or n_local % G:
-            raise ValueError(f"BudgetStage: {first.numel()} rewards for {n_local} rows x {n_proc} processes, G={G}.")
+        if n_local % G:
+            raise ValueError(f"BudgetStage: {n_local} rows per process is not a multiple of G={G}.")
         local_prompts = [rows[j]["prompt"] for j in range(0, n_local, G)]
         for j in range(n_local):
             if prompt_key(rows[j]["prompt"]) != prompt_key(local_prompts[j // G]):
@@ -207,14 +207,23 @@ class BudgetStage:
         if prior.numel() != B:
             raise ValueError(f"the value prior returned {prior.numel()} values for {B} prompts.")
 
-        # Every rollout of the step in global order: first round, then each extra round (dummies included).
-        all_rewards = [first]  # [N_global], then [m * n_proc] per round
-        all_prompt = [torch.arange(B).repeat_interleave(G)]
+        # Every rollout of the step in global order: first round (the rows an earlier stage kept: pruning may have
+        # dropped some), then each extra round (dummies included). Group id = prompt index in `group_rows`.
+        if ROLLOUT_REWARDS not in batch:  # called outside the trainer: the batch is in generation order
+            batch = annotate_rows(batch, trainer.last_rewards() if rewards is None else rewards, rank, G)
+        first, first_prompt, counts = gather_row_annotations(batch, accelerator)  # [N_first] each
+        if first_prompt.numel() and int(first_prompt.max()) >= B:
+            raise ValueError(
+                "BudgetStage: the batch holds groups of prompts outside this generation batch (an earlier stage "
+                "refilled it, e.g. dynamic sampling); V0.5 needs the step's own prompts."
+            )
+        all_rewards = [first]  # [N_first], then [m * n_proc] per round
+        all_prompt = [first_prompt]
         all_dummy = [torch.zeros(first.numel(), dtype=torch.bool)]
-        local_ids = [torch.arange(rank * n_local, (rank + 1) * n_local)]
+        local_ids = [torch.arange(sum(counts[:rank]), sum(counts[: rank + 1]))]
         offset = first.numel()
-        per_prompt = [first[i * G : (i + 1) * G] for i in range(B)]  # rewards so far, for the decisions
-        pieces = [batch]
+        per_prompt = [first[first_prompt == i] for i in range(B)]  # rewards so far, for the decisions
+        pieces = [{k: v for k, v in batch.items() if k not in (ROLLOUT_REWARDS, ROLLOUT_GROUPS)}]  # set at the end
         rounds, extra, padding = 1, 0, 0
         start = time.perf_counter()
         while rounds < self.max_rounds:

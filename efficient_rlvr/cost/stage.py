@@ -10,7 +10,8 @@ the importance weights of the micro-batches it returns. Per generation batch (af
    so p_i = 0 whatever `cost_alpha` is. Rows dropped by earlier stages are simply absent. N = rows of the batch over
    all processes, N_eff = rows in the pool.
 2. Draw. `CostAwareSampler` (identical inputs and seeded generator on every process) draws M rows i.i.d. from
-   p_i ~ (1 - alpha) |A_i| / sqrt(c_i) / Z + alpha / N_eff, with replacement; M = `cost_num_draws`, default N (the
+   p_i ~ (1 - alpha) |A_i| / sqrt(c_i) / Z + alpha / N_eff, with replacement; M = `cost_num_draws`, or
+   ceil(`cost_draw_fraction` N_eff) (a share of what earlier stages kept, e.g. pruning survivors), default N (the
    number of sequences vanilla TRL trains on), rounded up to a multiple of P (see 3.). Importance weights v_j = 1 / (N_eff p_j), re-centred to average 1
    over the M draws (SPEC 3; the sampler's docstring states what re-centring does to the estimator).
 3. Equal shares. M is rounded up to a multiple of P (P = processes) and every rank trains exactly M / P draws, in
@@ -57,6 +58,7 @@ max / mean, effective sample size, unique fraction, pool sizes, rows moved betwe
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -145,6 +147,7 @@ class CostAwareStage:
         check_cost_aware_config(args, trainer.accelerator.num_processes)
         self.loss_type: str = args.loss_type
         self.num_draws: int | None = args.cost_num_draws
+        self.draw_fraction: float | None = getattr(args, "cost_draw_fraction", None)
         self.sampler = CostAwareSampler(alpha=args.cost_alpha, seed=args.seed, eps=ADVANTAGE_EPS)
         self._generator = torch.Generator(device="cpu")
         self._generator.manual_seed(args.seed + SPLIT_SEED_OFFSET)
@@ -206,7 +209,12 @@ class CostAwareStage:
 
         # ---- draw (identical on every process)
         minimum = n_proc * num_chunks
-        m = self.num_draws if self.num_draws is not None else n_total
+        if self.num_draws is not None:
+            m = self.num_draws
+        elif self.draw_fraction is not None:  # a share of the rows earlier stages kept (inert rows excluded)
+            m = max(math.ceil(self.draw_fraction * int(valid.sum())), minimum)
+        else:
+            m = n_total
         m = -(-m // n_proc) * n_proc  # a multiple of P: equal shares
         if m < minimum:
             raise ValueError(

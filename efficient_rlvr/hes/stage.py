@@ -39,13 +39,11 @@ import time
 from typing import Any
 
 import torch
+from trl.models import unwrap_model_for_generation
 
-from ..batch import keep_rows, local_row_count
+from ..batch import ROLLOUT_GROUPS, ROLLOUT_REWARDS, keep_rows, local_row_count
 from .score import high_entropy_sum, token_entropies
 from .selector import PosHighNegRand
-
-ROLLOUT_REWARDS = "rollout_rewards"
-ROLLOUT_GROUPS = "rollout_groups"
 
 
 class HESSelectionStage:
@@ -107,19 +105,22 @@ class HESSelectionStage:
         hes = torch.full((n,), float("nan"))
         start = time.perf_counter()
         idx = torch.nonzero(score).flatten()
-        if idx.numel():
-            model = accelerator.unwrap_model(trainer.model)
-            dev = batch["completion_ids"].device
-            ent = token_entropies(
-                model,
-                batch["prompt_ids"][idx.to(dev)],
-                batch["prompt_mask"][idx.to(dev)],
-                batch["completion_ids"][idx.to(dev)],
-                mask[idx.to(mask.device)],
-                batch_size=trainer.args.per_device_train_batch_size,
-                temperature=float(getattr(trainer, "temperature", 1.0)),
-            )  # [s, C]
-            hes[idx] = high_entropy_sum(ent, mask[idx.to(mask.device)].to(ent.device).bool(), self.quantile).cpu()
+        # TRL's generation context on every process (under ZeRO-3 the parameter gather is collective, so a process
+        # with nothing to score still enters it); otherwise it is the unwrapped (PEFT-adapted) model.
+        with unwrap_model_for_generation(trainer.model_wrapped, accelerator) as model:
+            if idx.numel():
+                dev = batch["completion_ids"].device
+                ent = token_entropies(
+                    model,
+                    batch["prompt_ids"][idx.to(dev)],
+                    batch["prompt_mask"][idx.to(dev)],
+                    batch["completion_ids"][idx.to(dev)],
+                    mask[idx.to(mask.device)],
+                    batch_size=trainer.args.per_device_train_batch_size,
+                    temperature=float(getattr(trainer, "temperature", 1.0)),
+                )  # [s, C]
+                keep_mask = mask[idx.to(mask.device)].to(ent.device).bool()
+                hes[idx] = high_entropy_sum(ent, keep_mask, self.quantile).cpu()
         seconds = time.perf_counter() - start
 
         # Global decision (every process gathers the same lists, in process order).

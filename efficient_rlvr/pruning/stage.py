@@ -81,7 +81,7 @@ from typing import Any
 
 import torch
 
-from ..batch import keep_rows, local_row_count
+from ..batch import ROLLOUT_GROUPS, ROLLOUT_REWARDS, keep_rows, local_row_count
 from .calibration import BinnedCalibrator
 from .callback import OnlinePruningCallback
 from .engine import RolloutResult, StepwiseRolloutEngine, in_process_model_runner, sampling_params_from_trl
@@ -97,8 +97,6 @@ CALIBRATION_ALPHA = 1.0
 # Diagnostics kept in memory (not checkpointed): the last generations' decisions and the head's out-of-sample scores.
 HISTORY_LENGTH = 64
 
-ROLLOUT_REWARDS = "rollout_rewards"
-ROLLOUT_GROUPS = "rollout_groups"
 _LOGPS_METHOD = "_get_per_token_logps_and_entropies"
 
 

@@ -30,7 +30,9 @@ pool), for at most `dynamic_sampling_max_rounds` extra rounds. A refill calls TR
 `trl.GRPOTrainer._generate_and_score_completions(trainer, extra_rows)` on every process with the same number of
 rows (m prompts x G, m a multiple of num_processes), so TRL builds complete groups of G with its own advantages,
 old log-probs and importance ratios; the batches are concatenated (`concat_batches`: prompts left-padded,
-completions right-padded). The first B_global surviving groups in generation order are kept (original batch first),
+completions right-padded). The gate reads each row's reward and group (`rollout_rewards` / `rollout_groups`), so it
+also runs after pruning: a group is judged on its known (surviving) rewards, and refill rows get new group ids after
+the batch's. The first B_global surviving groups in generation order are kept (original batch first),
 every other row is dropped with `efficient_rlvr.batch.keep_rows` (which recounts `num_items_in_batch` over all
 processes). Shapes stay valid because whole groups of G rows are kept or dropped, and if the refill rounds run out
 the batch is simply smaller (`selection/dynamic/shortfall`). Every process ends with the same number of rows: the
@@ -55,8 +57,9 @@ import time
 from typing import Any
 
 import torch
+from trl.models import unwrap_model_for_generation
 
-from ..batch import concat_batches, keep_rows, local_row_count
+from ..batch import ROLLOUT_GROUPS, ROLLOUT_REWARDS, annotate_rows, concat_batches, gather_row_annotations, keep_rows
 from .base import Candidate, prompt_key
 from .dynamic import ZeroVarianceGate
 from .entropy import EntropyMedianFilter, prompt_entropy
@@ -171,15 +174,18 @@ class PromptSelectionStage:
             for i, r in enumerate(rows):
                 input_ids[i, width - r.numel() :] = r
                 attention_mask[i, width - r.numel() :] = 1
-            model = accelerator.unwrap_model(trainer.model)
-            entropies = prompt_entropy(
-                model,
-                input_ids.to(accelerator.device),
-                attention_mask.to(accelerator.device),
-                positions=self.positions,
-                batch_size=self.entropy_batch_size,
-                temperature=self.temperature,
-            )  # [b]
+            # TRL's generation context: under ZeRO-3 it gathers the parameters once, outside DeepSpeed's hooks
+            # (calling the wrapped model here would leave the LM head in DeepSpeed's prefetch list); otherwise it is
+            # the unwrapped (PEFT-adapted) model.
+            with unwrap_model_for_generation(trainer.model_wrapped, accelerator) as model:
+                entropies = prompt_entropy(
+                    model,
+                    input_ids.to(accelerator.device),
+                    attention_mask.to(accelerator.device),
+                    positions=self.positions,
+                    batch_size=self.entropy_batch_size,
+                    temperature=self.temperature,
+                )  # [b]
             values = entropies[:real].float().cpu().tolist()
         return torch.tensor(_gather_list(values, accelerator), dtype=torch.float32)  # [N]
 
@@ -330,8 +336,11 @@ class DynamicSamplingStage:
         self._last: dict[str, float] = {}
         self._totals = {"rollouts_generated": 0, "rollouts_refilled": 0, "rollouts_dropped": 0, "shortfall_groups": 0}
 
-    def _refill(self, trainer: Any, m: int, columns: list[str]) -> tuple[dict[str, Any], torch.Tensor]:
-        """Roll out m (global) fresh prompts x G on every process; TRL's batch for this process and the rewards."""
+    def _refill(
+        self, trainer: Any, m: int, columns: list[str], first_group: int
+    ) -> tuple[dict[str, Any], torch.Tensor]:
+        """Roll out m (global) fresh prompts x G on every process: this process's annotated batch and the rewards
+        `[m * G]` of all processes; the new groups get the global ids `first_group ...`."""
         from trl import GRPOTrainer
 
         indices = self.pool.draw(m)
@@ -339,6 +348,8 @@ class DynamicSamplingStage:
         rows = _repeat_rows([_dataset_row(trainer.train_dataset, i, columns) for i in local], self.num_generations)
         extra = GRPOTrainer._generate_and_score_completions(trainer, rows)
         rewards = trainer.last_rewards()  # [m * G]
+        extra = annotate_rows(extra, rewards, trainer.accelerator.process_index, self.num_generations)
+        extra[ROLLOUT_GROUPS] = extra[ROLLOUT_GROUPS] + first_group
         selection = getattr(trainer, "prompt_selection", None)
         if isinstance(selection, PromptSelectionStage):
             keys = [prompt_key(trainer.train_dataset[i]["prompt"]) for i in indices]
@@ -348,18 +359,18 @@ class DynamicSamplingStage:
     def process(
         self, trainer: Any, rows: list[dict[str, Any]], batch: dict[str, Any], rewards: torch.Tensor | None
     ) -> dict[str, Any]:
+        """Gate the batch's groups on their known rewards, refill dropped groups, keep `B_global` groups' rows."""
         G = self.num_generations
         accelerator = trainer.accelerator
         n_proc = accelerator.num_processes
-        if rewards is None:
-            rewards = trainer.last_rewards()
-        if local_row_count(batch) != len(rows):
-            raise ValueError(
-                f"DynamicSamplingStage needs the batch in generation order ({len(rows)} rows per process), got "
-                f"{local_row_count(batch)} rows: an earlier stage dropped rows."
-            )
-        target = rewards.numel() // G  # B_global groups
-        masks = [self.gate.keep_mask(rewards.detach().float().cpu().view(-1, G))]  # [B_global] each
+        if ROLLOUT_REWARDS not in batch:  # called outside the trainer: the batch is in generation order
+            rewards = trainer.last_rewards() if rewards is None else rewards
+            batch = annotate_rows(batch, rewards, accelerator.process_index, G)
+        target = len(rows) * n_proc // G  # B_global groups, ids 0 .. target - 1
+        # The first piece may have lost rows to an earlier stage (pruning): gate each group on its known rewards.
+        row_rewards, row_groups, _ = gather_row_annotations(batch, accelerator)  # [N_kept_global] each
+        known = torch.isfinite(row_rewards)
+        masks = [self.gate.keep_mask([row_rewards[known & (row_groups == g)] for g in range(target)])]  # [target]
         kept, gated = int(masks[0].sum()), target
         generated = target * G
         if kept == target:
@@ -367,33 +378,30 @@ class DynamicSamplingStage:
             return batch
         pieces = [batch]
         columns = list(rows[0].keys())
-        rounds = 0
+        rounds, next_group = 0, target
         while kept < target and rounds < self.max_rounds:
             rounds += 1
             missing = self.gate.refill_needed(kept, target)
             rate = max(kept / gated, DYNAMIC_MIN_KEEP_RATE)
             m = min(math.ceil(missing / rate), target)
             m = math.ceil(m / n_proc) * n_proc
-            extra, extra_rewards = self._refill(trainer, m, columns)
+            extra, extra_rewards = self._refill(trainer, m, columns, next_group)
             mask = self.gate.keep_mask(extra_rewards.detach().float().cpu().view(-1, G))  # [m]
             pieces.append(extra)
             masks.append(mask)
             kept += int(mask.sum())
             gated += m
             generated += m * G
-        # Keep the first `target` surviving groups in generation order (original batch first); drop every other row.
-        budget = target
-        local_keep = []
-        per_rank = torch.zeros(n_proc, dtype=torch.long)  # kept groups on each process
-        for mask in masks:
-            final = mask & (mask.long().cumsum(0) <= budget)  # [B_piece]
-            budget -= int(final.sum())
-            per_rank += final.view(n_proc, -1).sum(1)
-            local_keep.append(final[_rank_slice(mask.numel(), accelerator)].repeat_interleave(G))  # [n_local rows]
+            next_group += m
+        # Keep the first `target` surviving groups in generation order (original batch first); drop every other row
+        # (and inert padding rows of an earlier stage: no completion token, no known reward).
+        final = torch.cat(masks)  # [next_group] over global group ids
+        final &= final.long().cumsum(0) <= target
         pad_id = trainer.processing_class.pad_token_id if hasattr(trainer.processing_class, "pad_token_id") else 0
         merged = concat_batches(pieces, pad_id, self.sequence_level_keys)
-        min_rows = max(trainer.args.steps_per_generation, int(per_rank.max()) * G)  # equal row counts on every rank
-        out = keep_rows(merged, torch.cat(local_keep), accelerator, min_rows=min_rows)
+        groups = merged[ROLLOUT_GROUPS].long().cpu()  # [n_local_merged]
+        real = torch.isfinite(merged[ROLLOUT_REWARDS].float().cpu()) | (merged["completion_mask"].sum(1) > 0).cpu()
+        out = keep_rows(merged, final[groups] & real, accelerator, min_rows=trainer.args.steps_per_generation)
         self._record(target, min(kept, target), rounds, generated, generated - min(kept, target) * G)
         return out
 
