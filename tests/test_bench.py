@@ -25,6 +25,14 @@ def test_resolve_flags_scales_the_batch_and_expands_the_preset():
     assert "--model_name_or_path" not in pairs  # keys equal to the recipe's are not repeated
 
 
+def test_same_time_variant_scales_the_step_budget():
+    flags = bench.resolve_flags(RECIPE, bench.VARIANTS["efficient_same_time"]) + ["--max_steps", "25"]
+    scaled = bench._scale_steps(flags)
+    assert "--max_steps_scale" not in scaled
+    assert scaled[scaled.index("--max_steps") + 1] == "45"
+    assert bench._scale_steps(["--max_steps", "25"]) == ["--max_steps", "25"]
+
+
 @pytest.mark.parametrize(
     "curve,target,expected",
     [
