@@ -330,13 +330,14 @@ def _median_time(values: list[float | None]) -> float | None:
 
 def _bootstrap_ratio(numerator: list[float | None], denominator: list[float | None], draws: int = 2000) -> list:
     """90% percentile interval of median(numerator) / median(denominator) (times; None = not reached), seeds
-    resampled independently (0 when the variant never reached the target, inf when vanilla never did)."""
+    resampled independently (0 when the variant never reached the target, inf when vanilla never did or the
+    variant was there at the start)."""
     rng = random.Random(0)
     ratios = []
     for _ in range(draws):
         a = _median_time([rng.choice(numerator) for _ in numerator])
         b = _median_time([rng.choice(denominator) for _ in denominator])
-        ratios.append(0.0 if b is None else math.inf if a is None else a / b)
+        ratios.append(0.0 if b is None else math.inf if a is None or b == 0 else a / b)
     ratios.sort()
     return [ratios[int(0.05 * draws)], ratios[int(0.95 * draws) - 1]]
 
