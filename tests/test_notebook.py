@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import time
 
 import pytest
@@ -30,10 +31,14 @@ def test_quickstart_notebook_runs_and_plots(tmp_path, monkeypatch):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mpl"))
-    # The kernel is a fresh process: it must not inherit this process's MASTER_PORT (a colocated engine built here
-    # earlier holds that port), or its own engine fails with EADDRINUSE. TRL picks a free port when it is unset.
-    monkeypatch.delenv("MASTER_PORT", raising=False)
-    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    # The kernel is a fresh process that inherits this one's environment, including the MASTER_ADDR / MASTER_PORT /
+    # RANK / WORLD_SIZE a colocated engine built here earlier set: give it a port of its own (the old one is taken,
+    # EADDRINUSE), and keep an address (with RANK set, torch's env:// rendezvous requires one).
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
     client = nbclient.NotebookClient(
         notebook,
         timeout=TIMEOUT_S,  # per cell
@@ -53,10 +58,13 @@ def test_quickstart_notebook_runs_and_plots(tmp_path, monkeypatch):
 
     text = "".join(out.get("text", "") for out in outputs if out.output_type == "stream" and out.name == "stdout")
     assert "methods on: ['selection_history', 'pruning', 'skip_zero_advantage']" in text
+    # The history skip needs revisits (6 steps x 16 prompts over 256 prompts: few or none), so it may skip nothing.
     skipped = re.search(r"prompts skipped before generation: (\d+) \((\d+) rollouts never generated\)", text)
-    assert skipped and int(skipped.group(2)) == 4 * int(skipped.group(1)) > 0  # G = 4 rollouts per skipped prompt
-    assert re.search(r"rollouts pruned mid-generation: +\d+ of \d+", text)
-    assert "policy-pass tokens saved:" in text
+    assert skipped and int(skipped.group(2)) == 4 * int(skipped.group(1))  # G = 4 rollouts per skipped prompt
+    pruned = re.search(r"rollouts pruned mid-generation: +(\d+) of (\d+)", text)
+    assert pruned and 0 < int(pruned.group(1)) < int(pruned.group(2))  # pruning starts after a 2-step cold start
+    zero_adv = re.search(r"policy-pass tokens saved: +(\d+) \((\d+) zero-advantage rollouts skipped the loss\)", text)
+    assert zero_adv and int(zero_adv.group(1)) > 0 and int(zero_adv.group(2)) > 0
     # The last cell rendered the card's efficiency section; the card itself is on disk in the working dir.
     markdown = [out["data"]["text/markdown"] for out in outputs if "text/markdown" in out.get("data", {})]
     assert markdown and markdown[-1].startswith("## Efficiency methods")
