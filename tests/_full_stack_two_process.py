@@ -19,7 +19,7 @@ import torch
 
 torch.set_num_threads(1)
 
-from grpo_args import VLLM_COLOCATE, cpu_grpo_kwargs  # noqa: E402
+from grpo_args import FULL_STACK, VLLM_COLOCATE, cpu_grpo_kwargs  # noqa: E402
 
 from efficient_rlvr import EfficientGRPOConfig, EfficientGRPOTrainer  # noqa: E402
 from efficient_rlvr.batch import ROLLOUT_REWARDS  # noqa: E402
@@ -27,22 +27,6 @@ from efficient_rlvr.embedded import load_tokenizer  # noqa: E402
 from efficient_rlvr.rewards import verifier_reward  # noqa: E402
 from efficient_rlvr.selection import prompt_key  # noqa: E402
 from efficient_rlvr.tasks import load_task_splits  # noqa: E402
-
-FULL_STACK = {
-    "selection_history": True,
-    "selection_entropy": True,
-    "pruning": True,
-    "pruning_l_detect": 12,
-    "pruning_cold_start_steps": 1,
-    "budget_baseline": True,
-    "budget_adaptive": True,
-    "budget_k_init": 4,
-    "budget_k_max": 8,
-    "hes_selection": True,
-    "hes_keep_fraction": 0.75,
-    "cost_aware_sampling": True,
-    "cost_draw_fraction": 0.7,
-}
 
 
 def main(out_dir: str, model_dir: str) -> None:

@@ -19,6 +19,24 @@ VLLM_COLOCATE = {
     "vllm_gpu_memory_utilization": 0.3,
 }
 
+# Every method at once, sized for the embedded task (completions of 10-40 tokens, G = 4): HIVE (both stages), ARRoL
+# pruning after a 1-step cold start, V0.5 baseline + adaptive budget, HES, cost-aware draws.
+FULL_STACK = {
+    "selection_history": True,
+    "selection_entropy": True,
+    "pruning": True,
+    "pruning_l_detect": 12,
+    "pruning_cold_start_steps": 1,
+    "budget_baseline": True,
+    "budget_adaptive": True,
+    "budget_k_init": 4,
+    "budget_k_max": 8,
+    "hes_selection": True,
+    "hes_keep_fraction": 0.75,
+    "cost_aware_sampling": True,
+    "cost_draw_fraction": 0.7,
+}
+
 
 def cpu_grpo_kwargs(output_dir: str, **overrides) -> dict:
     """`CPU_BASE` for `output_dir`, with `overrides` on top."""

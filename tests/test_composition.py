@@ -10,27 +10,11 @@ import math
 
 import pytest
 import torch
-from grpo_args import VLLM_COLOCATE, cpu_grpo_kwargs, verifier_trainer
+from grpo_args import FULL_STACK, VLLM_COLOCATE, cpu_grpo_kwargs, verifier_trainer
 
 from efficient_rlvr import EfficientGRPOConfig
 from efficient_rlvr.batch import ROLLOUT_GROUPS, ROLLOUT_REWARDS
 from efficient_rlvr.config import PRESETS
-
-FULL_STACK = {
-    "selection_history": True,
-    "selection_entropy": True,
-    "pruning": True,
-    "pruning_l_detect": 12,
-    "pruning_cold_start_steps": 1,
-    "budget_baseline": True,
-    "budget_adaptive": True,
-    "budget_k_init": 4,
-    "budget_k_max": 8,
-    "hes_selection": True,
-    "hes_keep_fraction": 0.75,
-    "cost_aware_sampling": True,
-    "cost_draw_fraction": 0.7,
-}
 
 
 def _kwargs(output_dir: str, **overrides) -> dict:
