@@ -59,3 +59,35 @@ def verifier_trainer(model_dir: str, train_ds, kwargs: dict):
         train_dataset=train_ds,
         processing_class=load_tokenizer_for(model_dir),
     )
+
+
+def free_port() -> int:
+    """A TCP port that is free right now on 127.0.0.1 (for a launcher's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two_cpu_processes(script: str, *args: str, timeout: int = 900):
+    """`accelerate launch` `script args...` on two CPU processes (gloo, accelerate_configs/cpu_2proc.yaml) from the
+    repository root; returns the `subprocess.CompletedProcess` (output captured as text).
+
+    `--multi_gpu` is needed: with the config file alone accelerate 1.15 starts a single process on CPU. The children
+    get their own rendezvous port and none of this process's MASTER_* / RANK variables (a colocated engine built here
+    earlier sets them), one thread each, and the repository on PYTHONPATH.
+    """
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    inherited = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    env = {k: v for k, v in os.environ.items() if k not in inherited}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([repo, env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    cmd += [os.path.join(repo, "accelerate_configs", "cpu_2proc.yaml"), "--multi_gpu"]
+    cmd += ["--main_process_port", str(free_port()), str(script), *map(str, args)]
+    return subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)

@@ -14,7 +14,7 @@ import os
 
 import pytest
 import torch
-from grpo_args import cpu_grpo_kwargs, verifier_trainer
+from grpo_args import cpu_grpo_kwargs, launch_two_cpu_processes, verifier_trainer
 
 from efficient_rlvr.batch import ROLLOUT_GROUPS, ROLLOUT_REWARDS
 from efficient_rlvr.budget import fused_advantages
@@ -329,18 +329,10 @@ with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
 
 def test_two_processes_agree_and_keep_equal_shapes(base_model_dir, tmp_path):
     import json
-    import subprocess
-    import sys
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = tmp_path / "two_process.py"
     script.write_text(TWO_PROCESS_SCRIPT)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
-    cmd += [os.path.join(repo, "accelerate_configs", "cpu_2proc.yaml"), "--multi_gpu", str(script)]
-    cmd += [str(tmp_path), base_model_dir]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([repo, env.get("PYTHONPATH", "")])
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=repo)
+    result = launch_two_cpu_processes(script, tmp_path, base_model_dir, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -25,7 +24,7 @@ import torch
 
 torch.set_num_threads(1)
 
-from grpo_args import cpu_grpo_kwargs  # noqa: E402
+from grpo_args import cpu_grpo_kwargs, launch_two_cpu_processes  # noqa: E402
 
 from efficient_rlvr import EfficientGRPOConfig, EfficientGRPOTrainer  # noqa: E402
 from efficient_rlvr.batch import split_rows  # noqa: E402
@@ -304,35 +303,13 @@ def test_training_logs_consistent_cost_metrics_and_resume_repeats_draws(base_mod
 # ------------------------------------------------------------------------------------------------- two processes
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_draw_identically_and_share_rows_equally(base_model_dir, tmp_path):
     """Two gloo processes, 2 prompts x 4 per process and micro-step, gradient accumulation 2, 3 steps, 27 draws, after
     a batch stage that drops process 1's last group (12 live + 4 inert rows there): every rank draws the same 28
     global rows (never an inert one), trains half of them in equal micro-batches, the rows it trains that another
     rank generated arrive intact (token ids equal the owner's), the logged cost/ metrics agree, and the parameters
     stay identical."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        os.path.join(REPO, "accelerate_configs", "cpu_2proc.yaml"),
-        "--multi_gpu",
-        "--main_process_port",
-        str(_free_port()),
-        os.path.abspath(__file__),
-        str(tmp_path),
-        base_model_dir,
-    ]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = launch_two_cpu_processes(os.path.abspath(__file__), tmp_path, base_model_dir, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     assert [r["world"] for r in ranks] == [2, 2]

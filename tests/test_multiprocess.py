@@ -8,35 +8,17 @@ or dropped; both ranks count the same global completion tokens and end with iden
 
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
+from grpo_args import launch_two_cpu_processes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
 def test_two_processes_agree_on_every_decision_with_all_methods_on(base_model_dir, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [
-        os.path.join(os.path.dirname(sys.executable), "accelerate"),
-        "launch",
-        "--config_file",
-        os.path.join(REPO, "accelerate_configs", "cpu_2proc.yaml"),
-        "--multi_gpu",  # with the config alone, accelerate 1.15 starts one process on CPU
-        "--main_process_port",
-        str(port),
-        os.path.join(REPO, "tests", "_full_stack_two_process.py"),
-        str(tmp_path),
-        base_model_dir,
-    ]
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    script = os.path.join(REPO, "tests", "_full_stack_two_process.py")
+    result = launch_two_cpu_processes(script, tmp_path, base_model_dir, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
+from grpo_args import launch_two_cpu_processes
 from transformers import AutoModelForCausalLM
 
 from efficient_rlvr import EfficientGRPOConfig, EfficientGRPOTrainer
@@ -309,23 +307,8 @@ def test_resume_from_checkpoint_repeats_the_next_selections(base_model_dir, chai
 def test_two_processes_make_identical_decisions(base_model_dir, tmp_path):
     """Two CPU processes (gloo), HIVE + dynamic sampling: both ranks choose the same global prompts every step, each
     rolls out its own slice, and both count the same global completion tokens after the gate."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [
-        os.path.join(os.path.dirname(sys.executable), "accelerate"),
-        "launch",
-        "--config_file",
-        os.path.join(REPO, "accelerate_configs", "cpu_2proc.yaml"),
-        "--multi_gpu",  # with the config alone, accelerate 1.15 starts one process on CPU
-        "--main_process_port",
-        str(port),
-        os.path.join(REPO, "tests", "_selection_two_process.py"),
-        str(tmp_path),
-        base_model_dir,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    script = os.path.join(REPO, "tests", "_selection_two_process.py")
+    result = launch_two_cpu_processes(script, tmp_path, base_model_dir, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]
