@@ -3,13 +3,22 @@
 `EfficientGRPOConfig` inherits every field of `trl.GRPOConfig` unchanged and declares only the fields of the
 efficiency methods. With every method off (the default) the trainer behaves exactly like `trl.GRPOTrainer`.
 Each field is validated in `__post_init__`; a bad value raises `ValueError` naming the field and its allowed range.
+Every new field takes only values of its annotated type (`_check_type`, derived from the annotations, so a field added
+later is covered): bools only True / False, ints at most 2**31 - 1, floats finite (an int is stored as a float).
+A plain `trl.GRPOConfig` becomes the same values with every method off (`EfficientGRPOConfig.from_grpo_config`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+import math
+import typing
+from dataclasses import MISSING, dataclass, field, fields
 
+from transformers.utils import logging
 from trl import GRPOConfig
+
+logger = logging.get_logger(__name__)
 
 _VLLM_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -81,6 +90,13 @@ class EfficientGRPOConfig(GRPOConfig):
         default=0.25,
         metadata={"help": "Target share of zero-variance groups; 1/3 of it easy, 2/3 hard (GRESO), in (0, 1)."},
     )
+    selection_adapt_warmup_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "When p_easy / p_hard start adapting: None = from the first step that draws a revisited prompt "
+            "(SPEC; GRESO adapts from its second epoch on); an int n >= 0 = after n optimizer steps, revisits or not."
+        },
+    )
     selection_entropy_keep_ratio: float = field(
         default=0.5, metadata={"help": "Stage 2 keeps this share of the candidate pool (0.5 = median), in (0, 1]."}
     )
@@ -115,8 +131,21 @@ class EfficientGRPOConfig(GRPOConfig):
             "pruning_mode='arrol' it must lie in [pruning_p_min, pruning_p_max]."
         },
     )
-    pruning_lambda: float = field(default=0.5, metadata={"help": "lambda: weight of (rho - q) in p, >= 0."})
-    pruning_rho: float = field(default=0.5, metadata={"help": "rho: target positive ratio of kept groups, [0, 1]."})
+    pruning_survival_rule: str = field(
+        default="group_relative",
+        metadata={
+            "help": "'group_relative' (SPEC's correction): p = clip(kappa + delta + lambda sign(q_bar - rho) "
+            "(q_bar - q), p_min, p_max) with q_bar the group's mean posterior, so a group above rho loses its "
+            "likely-correct rollouts first and a group below rho its likely-wrong ones; 'literal': the appendix's "
+            "p = clip(kappa + delta + lambda (rho - q), ...), in which rho cancels (for comparison)."
+        },
+    )
+    pruning_lambda: float = field(
+        default=0.5, metadata={"help": "lambda: weight of the balance term in the survival probability, >= 0."}
+    )
+    pruning_rho: float = field(
+        default=0.5, metadata={"help": "rho: target positive ratio of a group's survivors, [0, 1]."}
+    )
     pruning_p_min: float = field(default=0.25, metadata={"help": "Lower clip of the survival probability."})
     pruning_p_max: float = field(default=0.75, metadata={"help": "Upper clip of the survival probability."})
     pruning_num_bins: int = field(default=128, metadata={"help": "Calibration histogram bins (>= 2)."})
@@ -201,47 +230,10 @@ class EfficientGRPOConfig(GRPOConfig):
 
     def _validate(self) -> None:
         """Refuse bad values and incompatible combinations before any compute (errors name the field)."""
-        import math
-
-        for name in (  # integer fields (None allowed where the default is None)
-            "selection_entropy_last_k",
-            "dynamic_sampling_max_rounds",
-            "pruning_l_detect",
-            "pruning_num_bins",
-            "pruning_buffer_size",
-            "pruning_cold_start_steps",
-            "pruning_min_survivors",
-            "cost_num_draws",
-            "budget_k_init",
-            "budget_k_max",
-        ):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ValueError(f"{name} must be an int, got {value!r}.")
-        for name in (  # real-valued fields: finite numbers (NaN / inf would pass or break the range checks)
-            "selection_easy_threshold",
-            "selection_hard_threshold",
-            "selection_p_init",
-            "selection_p_floor",
-            "selection_target_zero_variance",
-            "selection_entropy_keep_ratio",
-            "pruning_keep_rate",
-            "pruning_lambda",
-            "pruning_rho",
-            "pruning_p_min",
-            "pruning_p_max",
-            "pruning_head_lr",
-            "pruning_correct_threshold",
-            "cost_alpha",
-            "budget_cost",
-            "budget_reward_min",
-            "budget_reward_max",
-            "hes_keep_fraction",
-            "hes_quantile",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}.")
+        for name, (kind, optional) in _declared_types().items():  # every field added to GRPOConfig, by annotation
+            value = _check_type(name, getattr(self, name), kind, optional)
+            if value is not getattr(self, name):
+                setattr(self, name, value)  # an int given to a float field is stored as a float
         _choice("vllm_dtype", self.vllm_dtype, _VLLM_DTYPES)
         _range(
             "selection_easy_threshold",
@@ -256,8 +248,22 @@ class EfficientGRPOConfig(GRPOConfig):
         _range("selection_entropy_keep_ratio", self.selection_entropy_keep_ratio, 0.0, 1.0, lo_open=True)
         if self.selection_entropy_last_k is not None:
             _range("selection_entropy_last_k", self.selection_entropy_last_k, 1)
+        if self.selection_adapt_warmup_steps is not None:
+            _range("selection_adapt_warmup_steps", self.selection_adapt_warmup_steps, 0)
         _range("dynamic_sampling_max_rounds", self.dynamic_sampling_max_rounds, 1)
+        # Selection refills each process's generation batch (per_device x steps_per_generation rows) with whole groups
+        # of G; TRL only needs the global batch to hold whole groups (a group may span processes).
+        local_rows = self.per_device_train_batch_size * self.steps_per_generation
+        for switch in ("selection_history", "selection_entropy"):
+            if getattr(self, switch) and local_rows % self.num_generations:
+                raise ValueError(
+                    f"{switch}=True needs whole groups on every process: per_device_train_batch_size x "
+                    f"steps_per_generation = {self.per_device_train_batch_size} x {self.steps_per_generation} = "
+                    f"{local_rows} rows is not a multiple of num_generations={self.num_generations}; set "
+                    "per_device_train_batch_size (or steps_per_generation) so that it is."
+                )
         _choice("pruning_mode", self.pruning_mode, ("arrol", "random"))
+        _choice("pruning_survival_rule", self.pruning_survival_rule, ("group_relative", "literal"))
         _range("pruning_l_detect", self.pruning_l_detect, 1)
         _range("pruning_keep_rate", self.pruning_keep_rate, 0.0, 1.0, lo_open=True)
         _range("pruning_lambda", self.pruning_lambda, 0.0)
@@ -301,6 +307,11 @@ class EfficientGRPOConfig(GRPOConfig):
             lo_open=True,
             what="> budget_reward_min",
         )
+        if not math.isfinite(self.budget_reward_max - self.budget_reward_min):  # V0.5 divides by the span
+            raise ValueError(
+                f"budget_reward_max - budget_reward_min must be finite, got budget_reward_min={self.budget_reward_min}, "
+                f"budget_reward_max={self.budget_reward_max}."
+            )
         _range("hes_keep_fraction", self.hes_keep_fraction, 0.0, 1.0, lo_open=True)
         _range("hes_quantile", self.hes_quantile, 0.0, 1.0, hi_open=True)
         if self.pruning and not (self.use_vllm and self.vllm_mode == "colocate"):
@@ -362,6 +373,33 @@ class EfficientGRPOConfig(GRPOConfig):
         return [name for name, on in switches.items() if on]
 
     @classmethod
+    def from_grpo_config(cls, args: GRPOConfig) -> EfficientGRPOConfig:
+        """`args` (a plain `trl.GRPOConfig`) as an `EfficientGRPOConfig`: the same value of every field, every
+        efficiency field at its default (every method off). Logs one line saying so.
+
+        The values are copied as `GRPOConfig.__post_init__` left them, without running it again: it rewrites fields
+        (e.g. derives `steps_per_generation` and `generation_batch_size`, then refuses to see both set) and resolves
+        the distributed state. Only the new fields are validated. The copy is shallow, like passing `args` itself.
+        """
+        if isinstance(args, cls):
+            return args
+        if not isinstance(args, GRPOConfig):
+            raise TypeError(f"from_grpo_config needs a trl.GRPOConfig, got {type(args).__name__}.")
+        converted = cls.__new__(cls)
+        converted.__dict__.update(vars(args))
+        base = {f.name for f in fields(GRPOConfig)}
+        for f in fields(cls):
+            if f.name not in base:
+                setattr(converted, f.name, f.default if f.default is not MISSING else f.default_factory())
+        converted._validate()
+        logger.warning(
+            f"EfficientGRPOTrainer got a plain {type(args).__name__}: training with the same values and every "
+            "efficiency method off (exactly trl.GRPOTrainer); use efficient_rlvr.EfficientGRPOConfig to switch "
+            "methods on."
+        )
+        return converted
+
+    @classmethod
     def from_preset(cls, name: str, **kwargs: object) -> EfficientGRPOConfig:
         """A config with the methods of preset `name` switched on (`PRESETS`); `kwargs` are any other fields and win
         over the preset's values (e.g. ``from_preset("efficient", pruning=False)`` keeps every method but pruning)."""
@@ -378,6 +416,68 @@ class EfficientGRPOConfig(GRPOConfig):
         if self.fp16:
             return "float16"
         return "float32"
+
+
+# Largest value of an int field: counts and sizes (tokens, bins, buffer entries, steps, rollouts, draws) beyond a
+# 32-bit int are a mistake (tensors of that many bins, rollouts that never end), refused before any compute.
+_MAX_INT = 2**31 - 1
+_ANNOTATION_TYPES: dict[str, type] = {"bool": bool, "int": int, "float": float, "str": str}
+
+
+@functools.cache
+def _declared_types() -> dict[str, tuple[type, bool]]:
+    """`{name: (type, None allowed)}` of every field `EfficientGRPOConfig` declares beyond `trl.GRPOConfig`, read from
+    its annotation (`bool`, `int`, `float`, `str`, each optionally `| None`), so a field added later is checked too.
+    Fields of user subclasses are not included (their types are theirs to check)."""
+    base = {f.name for f in fields(GRPOConfig)}
+    out: dict[str, tuple[type, bool]] = {}
+    # The class's own annotations, not `Field.type`: `HfArgumentParser` rewrites `Field.type` in place (it resolves
+    # `int | None` to `int`), so after a CLI parse the fields no longer say which of them take None.
+    annotations = EfficientGRPOConfig.__annotations__
+    for f in fields(EfficientGRPOConfig):
+        if f.name in base:
+            continue
+        annotation = annotations.get(f.name, f.type)
+        if isinstance(annotation, str):
+            parts = [part.strip() for part in annotation.split("|")]
+        else:  # an evaluated annotation: a type or a union of types
+            parts = [getattr(t, "__name__", repr(t)) for t in (typing.get_args(annotation) or (annotation,))]
+        optional = "None" in parts or "NoneType" in parts
+        kinds = [part for part in parts if part not in ("None", "NoneType")]
+        if len(kinds) != 1 or kinds[0] not in _ANNOTATION_TYPES:
+            raise TypeError(
+                f"EfficientGRPOConfig.{f.name} is annotated {annotation!r}: the config's type check handles bool, int, "
+                "float and str, each optionally `| None` (extend efficient_rlvr.config._check_type)."
+            )
+        out[f.name] = (_ANNOTATION_TYPES[kinds[0]], optional)
+    return out
+
+
+def _check_type(name: str, value: object, kind: type, optional: bool) -> object:
+    """`value` if it is of type `kind` (None allowed when `optional`), else a ValueError naming `name`.
+
+    bool: True or False only (not 0/1, not the strings "true"/"false": the CLI parser converts those before the
+    dataclass). int: an int, not a bool, at most `_MAX_INT` in magnitude. float: an int or a float, not a bool, finite;
+    returned as a float. str: a str.
+    """
+    if value is None and optional:
+        return value
+    or_none = " or None" if optional else ""
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be a bool (True or False){or_none}, got {value!r}.")
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an int{or_none}, got {value!r}.")
+        if abs(value) > _MAX_INT:
+            raise ValueError(f"{name} must be an int of at most {_MAX_INT} (2**31 - 1), got {value!r}.")
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number{or_none}, got {value!r}.")
+        return float(value) if type(value) is not float else value
+    elif not isinstance(value, kind):
+        raise ValueError(f"{name} must be a {kind.__name__}{or_none}, got {value!r}.")
+    return value
 
 
 def _choice(name: str, value: object, allowed: tuple) -> None:

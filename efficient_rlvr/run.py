@@ -165,8 +165,6 @@ def train(run_args: RunArguments, training_args: GRPOConfig, model_args: ModelCo
 
     if run_args.trainer not in ("efficient", "trl"):
         raise ValueError(f"trainer must be 'efficient' or 'trl', got {run_args.trainer!r}")
-    if run_args.trainer == "efficient" and not isinstance(training_args, EfficientGRPOConfig):
-        raise TypeError("trainer='efficient' needs an EfficientGRPOConfig")
     if run_args.torch_threads is not None:
         torch.set_num_threads(run_args.torch_threads)
     model_args = model_args or ModelConfig()
@@ -239,6 +237,7 @@ def train(run_args: RunArguments, training_args: GRPOConfig, model_args: ModelCo
             "tokens_generated": timer.tokens,
             "loss_tokens": timer.loss_tokens,
             "informative_rollouts": timer.informative_rollouts,
+            "work": dict(timer.work),
             "eval_seconds_during_training": recorder.paused_seconds,
             "eval_curve": [(0.0, 0, before.get("accuracy"))]
             + (periodic.curve if periodic else [])

@@ -30,7 +30,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from trl import GRPOTrainer
+from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import (
     shuffle_sequence_dict,
     split_pixel_values_by_grid,
@@ -64,15 +64,19 @@ class EfficientGRPOTrainer(GRPOTrainer):
     _tag_names = ["trl", "grpo", "efficient-rlvr"]
     _name = "EfficientGRPO"
 
-    def __init__(self, model: Any, reward_funcs: Any, args: EfficientGRPOConfig | None = None, **kwargs: Any):
+    def __init__(
+        self, model: Any, reward_funcs: Any, args: EfficientGRPOConfig | GRPOConfig | None = None, **kwargs: Any
+    ):
         if args is None:
             model_name = model if isinstance(model, str) else model.config._name_or_path
             args = EfficientGRPOConfig(f"{str(model_name).split('/')[-1]}-EfficientGRPO")
         elif not isinstance(args, EfficientGRPOConfig):
-            raise TypeError(
-                f"EfficientGRPOTrainer(args=...) needs an EfficientGRPOConfig, got {type(args).__name__}; "
-                "build the same arguments with `efficient_rlvr.EfficientGRPOConfig(...)` instead of `GRPOConfig`."
-            )
+            if not isinstance(args, GRPOConfig):
+                raise TypeError(
+                    f"EfficientGRPOTrainer(args=...) needs a GRPOConfig or an EfficientGRPOConfig, got "
+                    f"{type(args).__name__}."
+                )
+            args = EfficientGRPOConfig.from_grpo_config(args)  # drop-in: same values, every method off (logged)
         with use_efficient_vllm_generation(args.resolved_vllm_dtype()):
             super().__init__(model, reward_funcs, args=args, **kwargs)
         self.prompt_selection: Any = None

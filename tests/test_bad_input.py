@@ -284,6 +284,64 @@ def _two_process_main(out_dir: str, model_dir: str) -> None:
     trainer.accelerator.wait_for_everyone()
 
 
+# ------------------------------------------------------------------------------------- V0.5 reward range (+-1 bound)
+def two_on_the_first_row(completions, **kwargs):
+    return [2.0] + [0.0] * (len(completions) - 1)
+
+
+def always_one(completions, **kwargs):
+    return [1.0] * len(completions)
+
+
+def half_on_the_second_row(completions, **kwargs):
+    return [0.0, 0.5] + [0.0] * (len(completions) - 2)
+
+
+@pytest.mark.parametrize("method", ["budget_baseline", "budget_adaptive"])
+def test_a_reward_outside_the_budget_range_names_the_function_and_the_value(build, method):
+    """V0.5 maps [budget_reward_min, budget_reward_max] to [-1, 1]; a reward outside would silently break the bound."""
+    trainer = build([two_on_the_first_row], max_steps=1, **{method: True})
+    with pytest.raises(ValueError) as info:
+        trainer.train()
+    message = str(info.value)
+    assert "reward function 'two_on_the_first_row' gave 2.0" in message
+    assert "on completion row 0 of the generation batch (prompt 0)" in message
+    assert "outside [budget_reward_min=0.0, budget_reward_max=1.0]" in message
+
+
+class TwoAfterTheFirstCall:
+    """In range for TRL's first round (all 1, far from the prior 0.5: worth rolling out more), 2.0 after it."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, completions, **kwargs):
+        self.calls += 1
+        return [1.0] * len(completions) if self.calls == 1 else [2.0] * len(completions)
+
+
+def test_a_reward_outside_the_budget_range_in_a_rollout_more_round_is_refused(build):
+    judge = TwoAfterTheFirstCall()
+    trainer = build([judge], max_steps=1, budget_adaptive=True)
+    with pytest.raises(ValueError, match=r"'TwoAfterTheFirstCall' gave 2.0 on rollout 0 of 'rollout more' round 1 "):
+        trainer.train()
+
+
+def test_a_weighted_sum_outside_the_budget_range_names_every_function(build):
+    trainer = build([always_one, half_on_the_second_row], max_steps=1, budget_baseline=True)
+    with pytest.raises(ValueError) as info:
+        trainer.train()
+    message = str(info.value)
+    assert (
+        "the weighted sum 1.5 of reward functions 'always_one' (1.0 x weight 1.0) + 'half_on_the_second_row' (0.5 x "
+        "weight 1.0)" in message
+    )
+    assert "on completion row 1 of the generation batch (prompt 0)" in message
+    assert "outside [budget_reward_min=0.0, budget_reward_max=1.0]" in message
+    # the same rewards are fine once the range says so
+    build([always_one, half_on_the_second_row], max_steps=1, budget_baseline=True, budget_reward_max=2.0).train()
+
+
 # ---------------------------------------------------------------------------------------------------------- datasets
 def _prompt_rows(texts):
     return datasets.Dataset.from_dict({"prompt": [[{"role": "user", "content": t}] for t in texts]})

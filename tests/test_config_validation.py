@@ -62,6 +62,18 @@ TABLE = [
     bad("selection_p_init", "selection_p_init must be in [0.05, 0.95], got 0.04", selection_p_init=0.04),
     bad("selection_p_init", "selection_p_init must be in [0.05, 0.95], got 0.96", selection_p_init=0.96),
     good("selection_p_init", selection_p_init=0.05),
+    bad(
+        "selection_adapt_warmup_steps",
+        "selection_adapt_warmup_steps must be in [0, inf], got -1",
+        selection_adapt_warmup_steps=-1,
+    ),
+    good("selection_adapt_warmup_steps", selection_adapt_warmup_steps=0),
+    bad(
+        "pruning_survival_rule",
+        "pruning_survival_rule must be one of ('group_relative', 'literal'), got 'greedy'",
+        pruning_survival_rule="greedy",
+    ),
+    good("pruning_survival_rule", pruning_survival_rule="literal"),
     good("selection_p_init", selection_p_init=0.95),
     bad("selection_p_floor", "selection_p_floor must be in [0.0, 1.0), got 1.0", selection_p_floor=1.0),
     bad("selection_p_floor", "selection_p_floor must be in [0.0, 1.0), got -0.1", selection_p_floor=-0.1),
@@ -84,7 +96,11 @@ TABLE = [
     ),
     good("selection_entropy_keep_ratio", selection_entropy_keep_ratio=1.0),
     bad("selection_entropy_last_k", "selection_entropy_last_k must be in [1, inf], got 0", selection_entropy_last_k=0),
-    bad("selection_entropy_last_k", "selection_entropy_last_k must be an int, got 1.5", selection_entropy_last_k=1.5),
+    bad(
+        "selection_entropy_last_k",
+        "selection_entropy_last_k must be an int or None, got 1.5",
+        selection_entropy_last_k=1.5,
+    ),
     good("selection_entropy_last_k", selection_entropy_last_k=1),
     good("selection_entropy_last_k", selection_entropy_last_k=None),
     bad(
@@ -164,7 +180,7 @@ TABLE = [
     good("cost_num_draws", cost_num_draws=1),
     good("cost_num_draws", cost_num_draws=None),
     bad("cost_draw_fraction", "cost_draw_fraction must be in (0.0, 1.0], got 0.0", cost_draw_fraction=0.0),
-    bad("cost_draw_fraction", "cost_draw_fraction must be in (0.0, 1.0], got nan", cost_draw_fraction=NAN),
+    bad("cost_draw_fraction", "cost_draw_fraction must be a finite number or None, got nan", cost_draw_fraction=NAN),
     bad(
         "cost_draw_fraction",
         "cost_draw_fraction and cost_num_draws are exclusive",
@@ -306,3 +322,173 @@ def test_every_preset_passes_validation(tmp_path):
     for name in PRESETS:
         config = EfficientGRPOConfig.from_preset(name, **cpu_grpo_kwargs(str(tmp_path), **BASE))
         assert config.methods
+
+
+# ---------------------------------------------------------------------------------------------------- field types
+# Every field the config adds to GRPOConfig takes only values of its declared type (`bool`, `int`, `float`, `str`,
+# each optionally `| None`), else a ValueError naming it. Each field has a row: its type and the bad values of its
+# range beyond the wrong types every field of that type refuses (negatives where the range starts at 0 or above,
+# huge numbers where it is bounded above; every int field is at most 2**31 - 1).
+HUGE_INT, HUGE_FLOAT = 10**12, 1e300
+NEG = (-1, -0.5)
+TYPES = {
+    "vllm_dtype": ("str", []),
+    "selection_history": ("bool", []),
+    "selection_entropy": ("bool", []),
+    "selection_easy_threshold": ("float", []),  # any finite threshold above selection_hard_threshold
+    "selection_hard_threshold": ("float", []),
+    "selection_p_init": ("float", [*NEG, 0.0, HUGE_FLOAT]),
+    "selection_p_floor": ("float", [*NEG, HUGE_FLOAT]),
+    "selection_target_zero_variance": ("float", [*NEG, HUGE_FLOAT]),
+    "selection_entropy_keep_ratio": ("float", [*NEG, HUGE_FLOAT]),
+    "selection_entropy_last_k": ("int | None", [-1, 0, HUGE_INT]),
+    "dynamic_sampling": ("bool", []),
+    "dynamic_sampling_max_rounds": ("int", [-1, 0, HUGE_INT]),
+    "pruning": ("bool", []),
+    "pruning_mode": ("str", []),
+    "pruning_l_detect": ("int", [-1, 0, HUGE_INT, 2**31]),
+    "pruning_keep_rate": ("float", [*NEG, HUGE_FLOAT]),
+    "pruning_lambda": ("float", list(NEG)),  # unbounded above
+    "pruning_rho": ("float", [*NEG, HUGE_FLOAT]),
+    "pruning_p_min": ("float", [*NEG, HUGE_FLOAT]),
+    "pruning_p_max": ("float", [*NEG, HUGE_FLOAT]),
+    "pruning_num_bins": ("int", [-1, HUGE_INT]),
+    "pruning_buffer_size": ("int", [-1, HUGE_INT]),
+    "pruning_cold_start_steps": ("int", [-1, HUGE_INT]),
+    "pruning_min_survivors": ("int", [-1, HUGE_INT]),
+    "pruning_head_lr": ("float", [*NEG, 0.0]),  # unbounded above
+    "pruning_correct_threshold": ("float", []),  # any finite reward threshold
+    "cost_aware_sampling": ("bool", []),
+    "cost_alpha": ("float", [*NEG, HUGE_FLOAT]),
+    "cost_num_draws": ("int | None", [-1, 0, HUGE_INT]),
+    "skip_zero_advantage": ("bool", []),
+    "cost_draw_fraction": ("float | None", [*NEG, 0.0, HUGE_FLOAT]),
+    "budget_baseline": ("bool", []),
+    "budget_prior": ("str", []),
+    "budget_adaptive": ("bool", []),
+    "budget_k_init": ("int", [-1, HUGE_INT]),
+    "budget_k_max": ("int", [-1, HUGE_INT]),
+    "budget_cost": ("float", [*NEG, 0.0]),  # unbounded above
+    "budget_reward_min": ("float", [HUGE_FLOAT]),  # above budget_reward_max
+    "budget_reward_max": ("float", [-HUGE_FLOAT]),  # below budget_reward_min
+    "hes_selection": ("bool", []),
+    "hes_keep_fraction": ("float", [*NEG, HUGE_FLOAT]),
+    "hes_quantile": ("float", [*NEG, HUGE_FLOAT]),
+    # fields other sessions add (the rows are checked against the dataclass below)
+    "pruning_survival_rule": ("str", []),
+    "selection_adapt_warmup_steps": ("int | None", [-1, HUGE_INT]),
+}
+WRONG_TYPES = {  # refused by every field of the type
+    "bool": ["false", "true", "False", "", 0, 1, 1.0, None, [True]],
+    "int": ["3", "x", 1.5, 2.0, True, False, NAN, INF, None, [1], 1j],
+    "float": ["x", "0.5", "nan", True, False, NAN, INF, -INF, None, [0.5], 1j],
+    "str": [1, 0.5, True, None, b"auto", ["auto"]],
+}
+
+
+def _new_fields() -> dict[str, object]:
+    return {f.name: f for f in fields(EfficientGRPOConfig) if f.name not in {g.name for g in fields(GRPOConfig)}}
+
+
+def _type_rows():
+    present = _new_fields()
+    for name, (kind, extra) in TYPES.items():
+        if name not in present:  # a row for a field another session has not added yet
+            continue
+        base, _, optional = kind.partition(" | ")
+        for value in WRONG_TYPES[base] + extra:
+            if value is None and optional:
+                continue
+            yield pytest.param(name, value, id=f"{name}={value!r}")
+
+
+def test_every_new_field_has_a_type_row_matching_its_annotation():
+    """A field added to the config without a row here fails this test (and its annotation must match the row)."""
+    present = _new_fields()
+    missing = sorted(set(present) - set(TYPES))
+    assert not missing, f"fields without a row in TYPES: {missing}"
+    for name, f in present.items():
+        assert str(f.type).replace("Optional[", "").replace(" ", "") == TYPES[name][0].replace(" ", ""), name
+
+
+@pytest.mark.parametrize(("name", "value"), list(_type_rows()))
+def test_every_new_field_refuses_values_of_another_type_or_out_of_range(tmp_path, name, value):
+    kwargs = cpu_grpo_kwargs(str(tmp_path), **{**BASE, name: value})
+    with pytest.raises(ValueError, match=rf"\b{name}\b") as info:
+        EfficientGRPOConfig(**kwargs)
+    assert not isinstance(info.value, TypeError)
+
+
+def test_float_fields_take_ints_as_floats_and_optional_fields_none(tmp_path):
+    config = EfficientGRPOConfig(
+        **cpu_grpo_kwargs(str(tmp_path), **BASE, cost_alpha=1, pruning_lambda=2, cost_draw_fraction=1)
+    )
+    assert (config.cost_alpha, config.pruning_lambda, config.cost_draw_fraction) == (1.0, 2.0, 1.0)
+    assert all(type(v) is float for v in (config.cost_alpha, config.pruning_lambda, config.cost_draw_fraction))
+    for name, (kind, _) in TYPES.items():
+        if name in _new_fields() and kind.endswith("| None"):
+            assert getattr(EfficientGRPOConfig(**cpu_grpo_kwargs(str(tmp_path), **BASE, **{name: None})), name) is None
+    # huge values are fine where the range is open above
+    config = EfficientGRPOConfig(**cpu_grpo_kwargs(str(tmp_path), **BASE, pruning_lambda=1e300, budget_cost=1e300))
+    assert config.pruning_lambda == 1e300 and config.budget_cost == 1e300
+    assert EfficientGRPOConfig(**cpu_grpo_kwargs(str(tmp_path), **BASE, pruning_l_detect=2**31 - 1)).pruning_l_detect
+
+
+def test_the_reward_span_must_be_finite(tmp_path):
+    with pytest.raises(ValueError, match="budget_reward_max - budget_reward_min"):
+        EfficientGRPOConfig(
+            **cpu_grpo_kwargs(str(tmp_path), **BASE, budget_reward_min=-1e308, budget_reward_max=1e308)
+        )
+
+
+def test_cli_strings_for_bool_switches_still_parse(tmp_path):
+    """The parser of examples/train_grpo.py turns `--selection_history false` into False before the dataclass, and
+    YAML booleans arrive as bools."""
+    from trl import TrlParser
+
+    common = ["--output_dir", str(tmp_path), "--use_cpu", "true", "--report_to", "none"]
+    parser = TrlParser((EfficientGRPOConfig,))
+    (off,) = parser.parse_args_and_config(common + ["--selection_history", "false", "--pruning", "False"])
+    assert off.selection_history is False and off.pruning is False
+    (on,) = parser.parse_args_and_config(common + ["--selection_history", "true", "--cost_alpha", "0.5"])
+    assert on.selection_history is True and on.cost_alpha == 0.5
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("selection_history: true\nskip_zero_advantage: false\ncost_alpha: 0\n")
+    (yaml_config,) = TrlParser((EfficientGRPOConfig,)).parse_args_and_config(["--config", str(recipe), *common])
+    assert yaml_config.selection_history is True and yaml_config.skip_zero_advantage is False
+    assert yaml_config.cost_alpha == 0.0
+
+
+# ------------------------------------------------------------------------- selection: whole groups on every process
+@pytest.mark.parametrize("switch", ["selection_history", "selection_entropy"])
+def test_selection_needs_whole_groups_per_device_at_construction(tmp_path, monkeypatch, switch):
+    """Two processes x 2 rows: TRL accepts the global batch of 4 = G, but selection refills each process's batch with
+    whole groups of G; that fails at construction naming the field, not at the first step."""
+    monkeypatch.setattr(EfficientGRPOConfig, "world_size", property(lambda self: 2))
+    kwargs = cpu_grpo_kwargs(str(tmp_path), per_device_train_batch_size=2, num_generations=4)
+    EfficientGRPOConfig(**kwargs)  # fine without selection (TRL spreads a group over the processes)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"{switch}=True needs whole groups on every process: per_device_train_batch_size x steps_per_generation "
+            "= 2 x 1 = 2 rows is not a multiple of num_generations=4"
+        ),
+    ):
+        EfficientGRPOConfig(**kwargs, **{switch: True})
+    # 2 rows x 2 steps per generation = one whole group per process
+    assert EfficientGRPOConfig(**kwargs, **{switch: True}, steps_per_generation=2).methods == [switch]
+
+
+def test_optional_fields_keep_none_after_a_cli_parser_rewrote_the_field_types(tmp_path):
+    # HfArgumentParser (TrlParser, examples/train_grpo.py) resolves `int | None` to `int` on the dataclass fields in
+    # place; the type check must read the class's annotations, or every None default is refused after a CLI parse.
+    from transformers import HfArgumentParser
+
+    from efficient_rlvr import config
+
+    HfArgumentParser(EfficientGRPOConfig)
+    config._declared_types.cache_clear()
+    args = EfficientGRPOConfig(
+        **cpu_grpo_kwargs(str(tmp_path), selection_adapt_warmup_steps=None, cost_num_draws=None)
+    )
+    assert args.selection_adapt_warmup_steps is None and args.cost_num_draws is None

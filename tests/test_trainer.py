@@ -70,11 +70,6 @@ def test_subclass_hooks_keep_working(base_model_dir, chain_sum_splits, grpo_kwar
     assert losses == plain_losses
 
 
-def test_plain_grpo_config_is_refused_with_a_clear_error(tiny_model_dir, grpo_kwargs):
-    with pytest.raises(TypeError, match="EfficientGRPOConfig"):
-        EfficientGRPOTrainer(model=tiny_model_dir, reward_funcs=[verifier_reward], args=GRPOConfig(**grpo_kwargs()))
-
-
 def test_vllm_dtype_validation(grpo_kwargs):
     with pytest.raises(ValueError, match="vllm_dtype"):
         EfficientGRPOConfig(**grpo_kwargs(vllm_dtype="fp8"))

@@ -212,6 +212,7 @@ class BudgetStage:
         if ROLLOUT_REWARDS not in batch:  # called outside the trainer: the batch is in generation order
             batch = annotate_rows(batch, trainer.last_rewards() if rewards is None else rewards, rank, G)
         first, first_prompt, counts = gather_row_annotations(batch, accelerator)  # [N_first] each
+        check_rewards_in_range(trainer, first if rewards is None else rewards, self.reward_range, G)
         if first_prompt.numel() and int(first_prompt.max()) >= B:
             raise ValueError(
                 "BudgetStage: the batch holds groups of prompts outside this generation batch (an earlier stage "
@@ -240,6 +241,9 @@ class BudgetStage:
             snapshot = _metric_snapshot(trainer)
             pieces.append(GRPOTrainer._generate_and_score_completions(trainer, extra_rows))
             got = trainer.last_rewards().detach().float().cpu().reshape(-1)  # [m * n_proc]
+            real_got = got.clone()
+            real_got[wanted.numel() :] = float("nan")  # dummies: dropped, never mapped
+            check_rewards_in_range(trainer, real_got, self.reward_range, G, extra_round=rounds, plan=plan)
             _restore_metrics(trainer, snapshot)
             if got.numel() != plan.numel():
                 raise RuntimeError(
@@ -347,6 +351,73 @@ class BudgetStage:
         self.budget.load_state_dict(state["budget"])
         self._last = dict(state["last"])
         self._totals = dict(state["totals"])
+
+
+def _number(x: float) -> str:
+    return repr(round(float(x), 6))
+
+
+def check_rewards_in_range(
+    trainer: Any,
+    totals: torch.Tensor,
+    reward_range: tuple[float, float],
+    group_size: int,
+    extra_round: int | None = None,
+    plan: torch.Tensor | None = None,
+) -> None:
+    """Refuse known rewards outside `reward_range`: V0.5 maps ``[budget_reward_min, budget_reward_max]`` to [-1, 1]
+    (baseline fusion and the rollout-more gain assume that bound), so a reward outside would silently break it.
+
+    Args:
+        trainer: the trainer; its ``reward_func_names``, ``reward_weights`` and ``_last_rewards_per_func``
+            (``[N, F]``, the same rows as `totals`) name the functions and their values in the error.
+        totals: ``[N]`` total rewards of one generation call, all processes (NaN = unknown: left out).
+        reward_range: ``(lo, hi)``; a value more than 1e-6 x (hi - lo) outside raises.
+        group_size: rollouts per prompt of the first round (the prompt of a first-round row is row // G).
+        extra_round: the "rollout more" round (1 = the first extra one) `totals` comes from; None = TRL's first round.
+        plan: prompt index of every row of an extra round.
+
+    Raises:
+        ValueError: naming the reward function(s), the value and the row; the same on every process (the rewards
+            are gathered).
+    """
+    lo, hi = reward_range
+    values = totals.detach().float().cpu().reshape(-1)  # [N]
+    slack = 1e-6 * (hi - lo)
+    outside = torch.isfinite(values) & ((values < lo - slack) | (values > hi + slack))
+    if not bool(outside.any()):
+        return
+    row = int(torch.nonzero(outside)[0])
+    value = float(values[row])
+    names = [str(n) for n in getattr(trainer, "reward_func_names", [])]
+    per_func = getattr(trainer, "_last_rewards_per_func", None)
+    weights = getattr(trainer, "reward_weights", None)
+    if per_func is not None and weights is not None and tuple(per_func.shape) == (values.numel(), len(names)):
+        own = per_func[row].detach().float().cpu().tolist()
+        w = [float(x) for x in weights.detach().float().cpu().tolist()]
+        if len(names) == 1 and w[0] == 1.0:
+            what = f"reward function {names[0]!r} gave {_number(value)}"
+        else:
+            terms = " + ".join(
+                f"{name!r} ({_number(r)} x weight {_number(wi)})"
+                for name, r, wi in zip(names, own, w, strict=True)
+                if r == r  # a function that returned None for the row adds nothing
+            )
+            what = f"the weighted sum {_number(value)} of reward functions {terms}"
+    elif len(names) == 1:
+        what = f"reward function {names[0]!r} gave {_number(value)}"
+    else:
+        what = f"the weighted sum {_number(value)} of reward functions {names}"
+    if extra_round is None:
+        where = f"on completion row {row} of the generation batch (prompt {row // max(int(group_size), 1)})"
+    else:
+        prompt = int(plan[row]) if plan is not None else "?"
+        where = f"on rollout {row} of 'rollout more' round {extra_round} (prompt {prompt} of the generation batch)"
+    raise ValueError(
+        f"{what} {where}, outside [budget_reward_min={lo!r}, budget_reward_max={hi!r}] ({int(outside.sum())} of "
+        f"{int(torch.isfinite(values).sum())} known rewards are outside). V0.5 maps that range to [-1, 1]: set "
+        "budget_reward_min / budget_reward_max to the range of the total (weighted) reward."
+    )
 
 
 def _metric_snapshot(trainer: Any) -> dict[str, tuple[int, int]]:
