@@ -36,7 +36,6 @@ def _hand_calibrator(**kwargs) -> BinnedCalibrator:
 
 # q(b) by hand: P(b|1) = [1,1,2,3]/7, P(b|0) = [4,2,1,1]/8, pi = 3/7.
 HAND_Q = [3 / 17, 3 / 10, 12 / 19, 18 / 25]
-HAND_W = [3 / 7, 1 / 7, 1 / 7, 2 / 7]  # score distribution of the buffer over the bins
 
 
 def test_calibrator_posterior_on_hand_made_histograms():
@@ -51,14 +50,22 @@ def test_calibrator_posterior_on_hand_made_histograms():
 
 
 def test_calibrator_delta_matches_closed_form_when_nothing_clips():
-    cal = _hand_calibrator()  # kappa = 0.5, lam = 0.5, rho = 0.5: no p hits the clip bounds here
-    mean_q = sum(w * q for w, q in zip(HAND_W, HAND_Q, strict=True))
-    # sum_b w_b (kappa + delta + lam (rho - q_b)) = kappa  <=>  delta = lam (E[q] - rho)
-    assert cal.delta == pytest.approx(0.5 * (mean_q - 0.5), abs=1e-8)
-    p = cal.survival_probabilities(torch.tensor([0.05, 0.3, 0.6, 0.9]))
-    assert p.tolist() == pytest.approx([0.5 + cal.delta + 0.5 * (0.5 - q) for q in HAND_Q], abs=1e-6)
+    # kappa = 0.5, lam = 0.5, rho = 0.5: no p hits the clip bounds here; delta is solved over the decided rollouts
+    scores = torch.tensor([0.05, 0.3, 0.6, 0.9])  # one per bin
+    mean_q = sum(HAND_Q) / 4
+    literal = _hand_calibrator(survival_rule="literal")
+    # mean_i (kappa + delta + lam (rho - q_i)) = kappa  <=>  delta = lam (mean q - rho)
+    p, delta = literal.solve_survival(scores)
+    assert delta == pytest.approx(0.5 * (mean_q - 0.5), abs=1e-8)
+    assert p.tolist() == pytest.approx([0.5 + delta + 0.5 * (0.5 - q) for q in HAND_Q], abs=1e-6)
+    # group-relative, one group (q_bar = mean q < rho): the terms -(q_bar - q_i) sum to 0, so delta = 0
+    group = _hand_calibrator()
+    p, delta = group.solve_survival(scores)
+    assert delta == pytest.approx(0.0, abs=1e-8)
+    assert p.tolist() == pytest.approx([0.5 - 0.5 * (mean_q - q) for q in HAND_Q], abs=1e-6)
 
 
+@pytest.mark.parametrize("rule", ["group_relative", "literal"])
 @pytest.mark.parametrize(
     ("kappa", "lam", "rho", "p_min", "p_max"),
     [
@@ -68,33 +75,42 @@ def test_calibrator_delta_matches_closed_form_when_nothing_clips():
         (0.25, 1.0, 0.5, 0.25, 0.75),
     ],
 )
-def test_bisection_expected_keep_rate_equals_kappa(kappa, lam, rho, p_min, p_max):
+def test_bisection_mean_survival_equals_kappa(kappa, lam, rho, p_min, p_max, rule):
     gen = torch.Generator().manual_seed(0)
     labels = torch.rand(600, generator=gen) < 0.35
     scores = torch.where(labels, torch.rand(600, generator=gen) * 0.6 + 0.4, torch.rand(600, generator=gen) * 0.7)
-    cal = BinnedCalibrator(kappa=kappa, lam=lam, rho=rho, p_min=p_min, p_max=p_max, buffer_size=1000)
+    cal = BinnedCalibrator(
+        kappa=kappa, lam=lam, rho=rho, p_min=p_min, p_max=p_max, buffer_size=1000, survival_rule=rule
+    )
     cal.observe(scores, labels)
     cal.refit()
-    # E[p] over the buffer's own scores, through the public float32 path
-    assert cal.survival_probabilities(scores).mean().item() == pytest.approx(kappa, abs=1e-3)
-    assert cal.expected_keep_rate() == pytest.approx(kappa, abs=1e-6)
+    # mean p over the rollouts decided together (here 75 groups of 8), through the public float32 path
+    q = cal.posterior(scores).view(75, 8)
+    group_means = q.mean(1, keepdim=True).expand_as(q).reshape(-1)
+    p, delta = cal.solve_survival(scores, group_means)
+    assert p.double().mean().item() == pytest.approx(kappa, abs=1e-6)
+    assert float(p.min()) >= p_min - 1e-7 and float(p.max()) <= p_max + 1e-7
+    assert torch.equal(cal.survival_probabilities(scores, group_means), p)
 
 
-def test_survival_probabilities_are_clipped():
-    cal = _hand_calibrator(lam=3.0)
-    p = cal.survival_probabilities(torch.tensor([0.05, 0.3, 0.6, 0.9]))
-    raw = [0.5 + cal.delta + 3.0 * (0.5 - q) for q in HAND_Q]
+@pytest.mark.parametrize("rule", ["group_relative", "literal"])
+def test_survival_probabilities_are_clipped(rule):
+    cal = _hand_calibrator(lam=3.0, survival_rule=rule)
+    p, delta = cal.solve_survival(torch.tensor([0.05, 0.3, 0.6, 0.9]))
+    mean_q = sum(HAND_Q) / 4
+    terms = [0.5 - q for q in HAND_Q] if rule == "literal" else [-(mean_q - q) for q in HAND_Q]  # mean q < rho
+    raw = [0.5 + delta + 3.0 * t for t in terms]
     assert p.tolist() == pytest.approx([min(max(r, 0.25), 0.75) for r in raw], abs=1e-6)
     assert p.max().item() == pytest.approx(0.75) and p.min().item() == pytest.approx(0.25)  # both bounds bind
-    assert sum(w * pi for w, pi in zip(HAND_W, p.tolist(), strict=True)) == pytest.approx(0.5, abs=1e-6)
+    assert sum(p.tolist()) / 4 == pytest.approx(0.5, abs=1e-6)
 
 
 def test_calibrator_edge_cases_and_validation():
     cal = BinnedCalibrator(cold_start_steps=2)
     assert cal.survival_probabilities(torch.tensor([0.1, 0.9])).tolist() == pytest.approx([0.5, 0.5])
     assert not cal.ready
-    cal.refit()  # empty buffer: prior 0.5, q 0.5, delta 0
-    assert cal.delta == 0.0 and not cal.ready
+    cal.refit()  # empty buffer: prior 0.5, q 0.5
+    assert cal.prior == 0.5 and not cal.ready
     cal.observe(torch.tensor([0.2, 0.3]), torch.tensor([0, 0]))  # only negatives: q = 0 everywhere
     cal.refit()
     assert cal.ready and cal.prior == 0.0
@@ -110,6 +126,7 @@ def test_calibrator_edge_cases_and_validation():
         ({"rho": 1.5}, "rho"),
         ({"buffer_size": 0}, "buffer_size"),
         ({"cold_start_steps": -1}, "cold_start_steps"),
+        ({"survival_rule": "greedy"}, "survival_rule"),
     ]:
         with pytest.raises(ValueError, match=name):
             BinnedCalibrator(**kwargs)
@@ -132,12 +149,14 @@ def test_calibrator_state_dict_roundtrip():
     for c in (cal, other):
         c.observe(torch.tensor([0.7, 0.2]), torch.tensor([1, 0]))
         c.refit()
-    assert other.delta == cal.delta and other.num_refits == cal.num_refits == 2
+    assert torch.equal(other.posterior_table, cal.posterior_table) and other.num_refits == cal.num_refits == 2
+    assert torch.equal(other.survival_probabilities(probe), cal.survival_probabilities(probe))
 
 
 def test_survival_rule_moves_a_high_mean_group_toward_rho():
     """Lemma 4.1 behaviour: with mu > rho, rollouts with q_j above the group mean are the likeliest prunes, and
-    pruning them moves the kept mean toward rho (here without overshoot)."""
+    pruning them moves the kept mean toward rho (here without overshoot); with mu < rho the group-relative rule
+    prunes the rollouts below the mean first, while the literal appendix rule still favours low q."""
     gen = torch.Generator().manual_seed(1)
     labels = torch.rand(2000, generator=gen) < 0.5
     scores = (labels.float() * 0.5 + torch.rand(2000, generator=gen) * 0.5).clamp(0, 1)  # higher when positive
@@ -156,11 +175,19 @@ def test_survival_rule_moves_a_high_mean_group_toward_rho():
     assert abs(mu_minus_j - rho) < abs(mu - rho)
     kept_mean = (p * q).sum().item() / p.sum().item()  # expected positive ratio of the kept rollouts
     assert rho < kept_mean < mu
-    # Document the rule's asymmetry: it is group-agnostic (always favours low q), so for mu < rho it cannot help.
+    # A group below rho: the group-relative rule keeps its likely-correct rollouts; the literal rule, group-agnostic
+    # (always favouring low q), moves it away from rho.
     low = torch.tensor([0.05, 0.1, 0.2, 0.6, 0.15])
     q_low, p_low = cal.posterior(low).double(), cal.survival_probabilities(low).double()
     assert q_low.mean() < rho
-    assert (p_low * q_low).sum() / p_low.sum() <= q_low.mean()
+    assert all(p_low[i] >= p_low[j] for i in range(5) for j in range(5) if q_low[i] > q_low[j])
+    assert (p_low * q_low).sum() / p_low.sum() > q_low.mean()
+    literal = BinnedCalibrator(cold_start_steps=0, buffer_size=2000, survival_rule="literal")
+    literal.observe(scores, labels)
+    literal.refit()
+    p_lit = literal.survival_probabilities(low).double()
+    assert (p_lit * q_low).sum() / p_lit.sum() <= q_low.mean()
+    assert torch.allclose(literal.survival_probabilities(group).double(), p, atol=1e-6)  # one group above rho: same
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -364,7 +391,11 @@ def test_callback_observe_trains_on_unpruned_finished_rollouts():
         assert torch.equal(d, _state(i, min(5, lengths[i]))) and torch.equal(la, _state(i, lengths[i]))
     metrics = cb.observe(rewards, result.request_ids)
     assert metrics["pruning/head_examples"] == len(ids)
-    assert len(cb.calibrator) == len(ids) and cb.calibrator.num_refits == 1
+    # the calibration buffer holds only those that reached L_detect (r0-0 finished before it)
+    reached = [rid for rid in ids if lengths[result.request_ids.index(rid)] >= 5]
+    assert "r0-0" in ids and "r0-0" not in reached
+    assert len(cb.calibrator) == len(reached) == metrics["pruning/calibration_examples"]
+    assert cb.calibrator.num_refits == 1
     assert cb.trainer.num_updates == 1
     with pytest.raises(ValueError, match="request_ids"):
         cb.observe([1.0, 0.0])

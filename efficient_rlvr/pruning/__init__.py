@@ -2,8 +2,11 @@
 
 - :class:`QualityHead` / :class:`QualityHeadTrainer`: MLP on the policy's final-norm hidden state, trained online
   with BCE against rollout correctness.
-- :class:`BinnedCalibrator`: binned posterior ``q(s)`` and survival probabilities with the keep-rate bisection.
-- :class:`OnlinePruningCallback`: prunes rollouts that reach ``L_detect`` tokens with probability ``1 - p``.
+- :class:`BinnedCalibrator`: binned posterior ``q(s)`` and survival probabilities (by default SPEC's group-relative
+  rule ``p_i = clip(kappa + delta + lambda sign(q_bar_g - rho) (q_bar_g - q_i), p_min, p_max)``; the appendix's
+  literal rule, in which ``rho`` cancels, is selectable) with the keep-rate bisection over the rollouts decided.
+- :class:`OnlinePruningCallback`: decides each group's rollouts once they reach ``L_detect`` tokens and prunes each
+  with probability ``1 - p``.
 - :class:`StepwiseRolloutEngine`: drives a colocated vLLM engine step by step, captures hidden states, aborts.
 - :func:`weighted_vote` / :func:`majority_vote`: test-time aggregation with rank weights.
 - ``efficient_rlvr.pruning.stage.PruningStage``: all of it wired into ``EfficientGRPOTrainer`` (imported lazily: it

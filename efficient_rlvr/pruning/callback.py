@@ -1,28 +1,39 @@
 """ARRoL online pruning decisions as a :class:`~efficient_rlvr.pruning.engine.RolloutCallback`.
 
-Algorithm (ARRoL, arXiv 2603.24840, Algorithm 1 and section 4; SPEC section 2), per generation call:
+Algorithm (ARRoL, arXiv 2603.24840, Algorithm 1 and section 4; SPEC section 2 with its correction), per generation:
 
 - When a rollout first has ``L_detect`` generated tokens (and did not finish in that step), the quality head scores
-  the hidden state from which its ``L_detect``-th token was sampled; the calibrator maps the score to a survival
-  probability ``p``; the rollout is pruned (aborted, so it stops with exactly ``L_detect`` tokens) with probability
-  ``1 - p``. Rollouts that finish before or at ``L_detect`` are never pruned. Each rollout is decided once.
+  the hidden state from which its ``L_detect``-th token was sampled. Rollouts that finish before or at ``L_detect``
+  are never pruned. Each rollout is decided once, and decisions are taken per group: a group's waiting rollouts are
+  decided together once none of its members is still running short of ``L_detect``. Members the scheduler did not
+  run in this engine step (preempted, or not scheduled yet) are not waited for; they are decided alone when they
+  reach ``L_detect``. All members start together, so a group normally reaches ``L_detect`` in one engine step; a
+  member that lags by a few steps (e.g. its prefill was chunked into a later step) holds the group back that many
+  steps, and the waiting rollouts keep generating meanwhile (a pruned one then stops a few tokens after
+  ``L_detect``; its score is still the one at ``L_detect``). A waiting rollout that finishes is not pruned.
+- Survival probability (calibrator's ``survival_rule``; default ``"group_relative"``):
+  ``p_i = clip(kappa + delta + lambda sign(q_bar_g - rho) (q_bar_g - q_i), p_min, p_max)`` with ``q_i`` the calibrated
+  posterior of the score and ``q_bar_g`` the mean ``q`` over the group's known members: those being decided and
+  those decided before (scored at ``L_detect``) and the finished ones (scored at their last token); members not yet
+  at ``L_detect`` and not running are left out. ``delta`` is solved by bisection over the rollouts decided in the same
+  engine step so that their mean ``p`` is ``kappa``. ``"literal"`` uses the appendix's ``lambda (rho - q_i)``
+  instead (``rho`` cancels there). The rollout is pruned (aborted) with probability ``1 - p``.
 - A group never drops below ``min_survivors_per_group`` unpruned rollouts (rollouts that finished early count as
-  survivors); a prune that would break this is turned into a keep ("forced keep").
+  survivors); a prune that would break this is turned into a keep ("forced keep"). The floor raises the realised
+  keep rate above ``kappa`` where it binds (small groups, low ``kappa``).
 - Cold start: while ``calibrator.ready`` is false nothing is pruned (every decision is a keep); the head and the
-  calibrator still learn from every finished rollout.
-- Candidates reaching ``L_detect`` in the same engine step are scored in one batch, in prompt order, and the uniform
-  draws come from the callback's own ``torch.Generator``, so decisions are reproducible and resumable.
+  calibrator still learn. ``mode="random"`` keeps every decided rollout with probability ``kappa``.
+- Rollouts decided in the same engine step are scored in one batch, in prompt order, and the uniform draws come
+  from the callback's own ``torch.Generator``, so decisions are reproducible and resumable.
 
 Learning (:meth:`OnlinePruningCallback.observe`, once per training step after rewards are known): the finished,
 unpruned rollouts of the last generation give BCE training pairs to the head at generated lengths
-``min(L_detect, len)`` and ``len`` (hidden states recorded during generation, no extra forward pass); their
-detect-position scores under the head *before* this update (out of sample, as the pruning decisions saw them) and
-their labels go to the calibrator's buffer, then the calibrator refits. Pruned rollouts are never used.
+``min(L_detect, len)`` and ``len`` (hidden states recorded during generation, no extra forward pass). The calibrator's
+buffer gets only those that reached ``L_detect`` (``len >= L_detect``), with their ``L_detect`` scores under the head
+*before* this update (out of sample, as the pruning decisions saw them) and their labels; then it refits. Pruned
+rollouts are never used (no label).
 
-Notes on the rule as specified: ``p = clip(kappa + delta + lambda (rho - q), ...)`` does not look at the group, so it
-always favours rollouts with low ``q``: it moves a group's expected kept positive ratio toward ``rho`` when the
-group's mean ``q`` is above ``rho`` (Lemma 4.1's case) and away from it when below. Lemma 4.1 itself needs the prune
-not to overshoot ``rho`` (e.g. ``q = (1.0, 0.2)``, ``rho = 0.5``: dropping the first moves the mean from 0.6 to 0.2).
+Metrics include ``pruning/realised_keep_rate``: survivors over decided rollouts (after the cold start), cumulative.
 """
 
 from __future__ import annotations
@@ -43,7 +54,14 @@ __all__ = ["OnlinePruningCallback", "PruneDecision"]
 
 @dataclass(frozen=True)
 class PruneDecision:
-    """One pruning decision (taken when the rollout first reached ``L_detect`` tokens)."""
+    """One pruning decision, taken once the rollout and its group reached ``L_detect`` (module docstring).
+
+    ``length`` is the rollout's generated length at the decision (``L_detect`` unless its group waited for a
+    lagging member; a pruned rollout stops there); ``score`` / ``posterior`` are its values at ``L_detect``;
+    ``group_mean`` is the group's ``q_bar``; ``survival_probability`` the ``p`` the draw was compared with (1 in the
+    cold start, ``kappa`` in random mode); ``arrol_probability`` the calibrated rule's ``p`` (also in the cold start
+    and in random mode, for diagnostics); ``delta`` the bisection's ``delta`` of the decision batch.
+    """
 
     request_id: str
     index: int
@@ -56,6 +74,9 @@ class PruneDecision:
     pruned: bool
     forced_keep: bool
     cold_start: bool
+    group_mean: float = float("nan")
+    arrol_probability: float = float("nan")
+    delta: float = float("nan")
 
 
 class OnlinePruningCallback(RolloutCallback):
@@ -119,6 +140,8 @@ class OnlinePruningCallback(RolloutCallback):
         self.num_observed_steps = 0
         self.total_pruned = 0
         self.total_rollouts = 0
+        self.total_decided = 0  # decisions after the cold start
+        self.total_decided_kept = 0
         self._reset_generation()
         self._generation_metrics: dict[str, float] = {}
         self._observe_metrics: dict[str, float] = {}
@@ -128,11 +151,16 @@ class OnlinePruningCallback(RolloutCallback):
     # ------------------------------------------------------------------------------------------------------------
     def _reset_generation(self) -> None:
         self._requests: dict[str, RolloutRequest] = {}
+        self._members: dict[Hashable, list[str]] = {}  # group -> request ids in prompt order
         self._alive: dict[Hashable, int] = {}
         self._decisions: dict[str, PruneDecision] = {}
         self._detect_states: dict[str, torch.Tensor] = {}  # request id -> [H]
         self._last_states: dict[str, torch.Tensor] = {}  # request id -> [H]
-        self._lengths: dict[str, int] = {}
+        self._lengths: dict[str, int] = {}  # finished request id -> final length
+        self._current: dict[str, int] = {}  # request id -> generated length so far
+        self._waiting: dict[Hashable, list[str]] = {}  # group -> rollouts at L_detect, not decided, still running
+        self._q: dict[str, float] = {}  # request id -> q entering its group's mean
+        self._deltas: list[tuple[float, int]] = []  # (delta, rollouts) of each decision batch
 
     @property
     def decisions(self) -> list[PruneDecision]:
@@ -149,52 +177,95 @@ class OnlinePruningCallback(RolloutCallback):
         self._reset_generation()
         for request in requests:
             self._requests[request.request_id] = request
+            self._members.setdefault(request.group_id, []).append(request.request_id)
             self._alive[request.group_id] = self._alive.get(request.group_id, 0) + 1
+        for members in self._members.values():
+            members.sort(key=lambda rid: self._requests[rid].index)
 
     def on_step(self, step: RolloutStep) -> list[str]:
-        """Record hidden states, decide rollouts that reached ``L_detect``; return the ids to abort."""
-        candidates = []
+        """Record hidden states, decide the groups whose running rollouts reached ``L_detect``; return ids to abort."""
+        advanced = set()
         for rollout in step.rollouts:
             request_id = rollout.request_id
-            if request_id not in self._requests:
+            request = self._requests.get(request_id)
+            if request is None:
                 continue
+            advanced.add(request_id)
             length = len(rollout.token_ids)
+            self._current[request_id] = length
             if rollout.finished:
                 state = self._require_state(rollout.hidden_state, request_id)
                 self._last_states[request_id] = state.clone()
                 self._detect_states.setdefault(request_id, self._last_states[request_id])
                 self._lengths[request_id] = length
-            elif length >= self.l_detect and request_id not in self._decisions:
-                candidates.append(rollout)
-        if not candidates:
+                waiting = self._waiting.get(request.group_id)
+                if waiting and request_id in waiting:
+                    waiting.remove(request_id)  # finished while its group waited: never pruned
+                    if not waiting:
+                        del self._waiting[request.group_id]
+            elif (
+                length >= self.l_detect and request_id not in self._decisions and request_id not in self._detect_states
+            ):
+                self._detect_states[request_id] = self._require_state(rollout.hidden_state, request_id).clone()
+                self._waiting.setdefault(request.group_id, []).append(request_id)
+        ready = [g for g in self._waiting if self._group_ready(g, advanced)]
+        if not ready:
             return []
-        candidates.sort(key=lambda r: r.index)
-        states = torch.stack([self._require_state(r.hidden_state, r.request_id) for r in candidates])  # [M, H]
+        candidates = sorted(
+            (rid for g in ready for rid in self._waiting.pop(g)), key=lambda r: self._requests[r].index
+        )
+        return self._decide(candidates)
+
+    def _group_ready(self, group: Hashable, advanced: set[str]) -> bool:
+        # Not ready while a member is running (advanced in this step) short of L_detect, undecided and unfinished.
+        for rid in self._members[group]:
+            if rid in advanced and rid not in self._lengths and rid not in self._detect_states:
+                return False
+        return True
+
+    def _decide(self, candidates: list[str]) -> list[str]:
+        states = torch.stack([self._detect_states[rid] for rid in candidates])  # [M, H]
         scores = self.head.score(states)  # [M]
-        cold = not self.calibrator.ready
         posterior = self.calibrator.posterior(scores)  # [M]
+        for rid, q in zip(candidates, posterior.tolist(), strict=True):
+            self._q[rid] = q
+        groups = {self._requests[rid].group_id for rid in candidates}
+        finished = [rid for g in groups for rid in self._members[g] if rid in self._lengths and rid not in self._q]
+        if finished:  # finished members enter the group mean with their last-token score
+            last = self.calibrator.posterior(self.head.score(torch.stack([self._last_states[r] for r in finished])))
+            self._q.update(zip(finished, last.tolist(), strict=True))
+        mean_of = {}
+        for g in groups:
+            known = [self._q[rid] for rid in self._members[g] if rid in self._q]
+            mean_of[g] = sum(known) / len(known)
+        group_means = torch.tensor([mean_of[self._requests[rid].group_id] for rid in candidates])  # [M]
+        arrol, delta = self.calibrator.solve_survival(scores, group_means)  # [M]
+        cold = not self.calibrator.ready
         if cold:
             survival = torch.ones_like(scores)
         elif self.mode == "random":
             survival = torch.full_like(scores, self.calibrator.kappa)
         else:
-            survival = self.calibrator.survival_probabilities(scores)  # [M]
+            survival = arrol
+            self._deltas.append((delta, len(candidates)))
         draws = torch.rand(len(candidates), generator=self.rng, dtype=torch.float64)  # [M]
         to_abort = []
-        for j, rollout in enumerate(candidates):
-            request = self._requests[rollout.request_id]
+        for j, rid in enumerate(candidates):
+            request = self._requests[rid]
             prune = bool(draws[j].item() >= survival[j].item())
             forced = prune and self._alive[request.group_id] - 1 < self.min_survivors_per_group
             prune = prune and not forced
             if prune:
                 self._alive[request.group_id] -= 1
-                to_abort.append(rollout.request_id)
-            self._detect_states[rollout.request_id] = states[j].clone()
-            self._decisions[rollout.request_id] = PruneDecision(
-                request_id=rollout.request_id,
-                index=rollout.index,
+                to_abort.append(rid)
+            if not cold:
+                self.total_decided += 1
+                self.total_decided_kept += int(not prune)
+            self._decisions[rid] = PruneDecision(
+                request_id=rid,
+                index=request.index,
                 group_id=request.group_id,
-                length=len(rollout.token_ids),
+                length=self._current[rid],
                 score=float(scores[j]),
                 posterior=float(posterior[j]),
                 survival_probability=float(survival[j]),
@@ -202,6 +273,9 @@ class OnlinePruningCallback(RolloutCallback):
                 pruned=prune,
                 forced_keep=forced,
                 cold_start=cold,
+                group_mean=float(group_means[j]),
+                arrol_probability=float(arrol[j]),
+                delta=float(delta),
             )
         return to_abort
 
@@ -231,6 +305,10 @@ class OnlinePruningCallback(RolloutCallback):
                 sum(d.survival_probability for d in decisions) / len(decisions) if decisions else float("nan")
             ),
             "pruning/mean_score": sum(d.score for d in decisions) / len(decisions) if decisions else float("nan"),
+            "pruning/delta": (
+                sum(d * m for d, m in self._deltas) / sum(m for _, m in self._deltas) if self._deltas else float("nan")
+            ),
+            "pruning/decisions_past_l_detect": float(sum(d.length > self.l_detect for d in decisions)),
             "pruning/tokens_generated": float(generated),
             "pruning/tokens_not_generated_estimate": saved,
             "pruning/tokens_saved_fraction_estimate": saved / (saved + generated) if saved + generated else 0.0,
@@ -295,30 +373,44 @@ class OnlinePruningCallback(RolloutCallback):
         values = torch.tensor([float(rewards[rid]) for rid in ids], dtype=torch.float32)  # [N]
         return ids, detect, last, values
 
+    def reached_detect(self, request_ids: Sequence[str]) -> torch.Tensor:
+        """``[N]`` bool: which of these finished rollouts of the last generation have ``len >= L_detect``."""
+        return torch.tensor([self._lengths[rid] >= self.l_detect for rid in request_ids], dtype=torch.bool)
+
     def observe(
         self, rewards: Mapping[str, float] | Sequence[float], request_ids: Sequence[str] | None = None
     ) -> dict[str, float]:
         """Learn from the last generation's rewards: train the head, fill the calibrator, refit it.
 
         Call once per training step (after the rewards of the generation are known, before the next generation).
-        Needs ``head`` to be a :class:`QualityHeadTrainer`. Same as ``learn(*training_batch(...)[1:])``.
+        Needs ``head`` to be a :class:`QualityHeadTrainer`. Same as
+        ``learn(detect, last, values, calibrate=reached_detect(ids))`` with ``training_batch``'s output.
         """
         if self.trainer is None:
             raise RuntimeError("observe() trains the head: construct the callback with a QualityHeadTrainer")
-        _, detect, last, values = self.training_batch(rewards, request_ids)
-        return self.learn(detect, last, values)
+        ids, detect, last, values = self.training_batch(rewards, request_ids)
+        return self.learn(detect, last, values, calibrate=self.reached_detect(ids))
 
-    def learn(self, detect_states: torch.Tensor, last_states: torch.Tensor, rewards: torch.Tensor) -> dict[str, float]:
+    def learn(
+        self,
+        detect_states: torch.Tensor,
+        last_states: torch.Tensor,
+        rewards: torch.Tensor,
+        calibrate: torch.Tensor | None = None,
+    ) -> dict[str, float]:
         """Learn from given finished rollouts (e.g. gathered from every process): head step, buffer, refit.
 
         Args:
             detect_states: ``[N, H]`` hidden states at generated length ``min(L_detect, len)``.
             last_states: ``[N, H]`` hidden states at the last generated token.
             rewards: ``[N]`` rewards (labels are ``reward > reward_threshold``).
+            calibrate: ``[N]`` bool, the rows that enter the calibrator's buffer: the rollouts that reached
+                ``L_detect`` (:meth:`reached_detect`). None: every row (only when all of them reached it).
 
-        The detect-position scores under the head *before* this update (out of sample) and the labels go to the
-        calibrator; they are also kept in :attr:`last_scores` / :attr:`last_labels` and summarised as
-        ``pruning/head_auc``. The calibrator is refitted (one refit per call, also with ``N == 0``).
+        The head trains on every row. The detect-position scores under the head *before* this update (out of
+        sample) and the labels of the ``calibrate`` rows go to the calibrator; the scores and labels of all rows are
+        kept in :attr:`last_scores` / :attr:`last_labels` and summarised as ``pruning/head_auc``. The calibrator is
+        refitted (one refit per call, also with ``N == 0``).
         """
         if self.trainer is None:
             raise RuntimeError("learn() trains the head: construct the callback with a QualityHeadTrainer")
@@ -331,7 +423,13 @@ class OnlinePruningCallback(RolloutCallback):
             labels = self.trainer.labels(values)  # [N]
             metrics.update(self.trainer.observe(detect_states, last_states, values))
             metrics["pruning/head_auc"] = roc_auc(scores, labels)
-            self.calibrator.observe(scores, labels)
+            mask = torch.ones(values.numel(), dtype=torch.bool)
+            if calibrate is not None:
+                mask = torch.as_tensor(calibrate).detach().reshape(-1).to("cpu", torch.bool)
+                if mask.numel() != values.numel():
+                    raise ValueError(f"calibrate must have {values.numel()} entries, got {mask.numel()}")
+            metrics["pruning/calibration_examples"] = float(mask.sum())
+            self.calibrator.observe(scores[mask], labels[mask])
             self.last_scores, self.last_labels = scores, labels
         self.calibrator.refit()
         self.num_observed_steps += 1
@@ -346,6 +444,9 @@ class OnlinePruningCallback(RolloutCallback):
             **self._generation_metrics,
             **self._observe_metrics,
             "pruning/total_pruned_fraction": self.total_pruned / self.total_rollouts if self.total_rollouts else 0.0,
+            "pruning/realised_keep_rate": (
+                self.total_decided_kept / self.total_decided if self.total_decided else float("nan")
+            ),
         }
         out.update(self.calibrator.metrics())
         return out
@@ -363,6 +464,8 @@ class OnlinePruningCallback(RolloutCallback):
             "num_observed_steps": self.num_observed_steps,
             "total_pruned": self.total_pruned,
             "total_rollouts": self.total_rollouts,
+            "total_decided": self.total_decided,
+            "total_decided_kept": self.total_decided_kept,
             "head": self.trainer.state_dict() if self.trainer is not None else copy.deepcopy(self.head.state_dict()),
             "calibrator": self.calibrator.state_dict(),
             "last_decisions": [asdict(d) for d in self._decisions.values()],
@@ -377,6 +480,8 @@ class OnlinePruningCallback(RolloutCallback):
         self.num_observed_steps = int(state["num_observed_steps"])
         self.total_pruned = int(state["total_pruned"])
         self.total_rollouts = int(state["total_rollouts"])
+        self.total_decided = int(state.get("total_decided", 0))
+        self.total_decided_kept = int(state.get("total_decided_kept", 0))
         if self.trainer is not None:
             self.trainer.load_state_dict(state["head"])
         else:

@@ -7,13 +7,18 @@ mode) and its first batch stage (`process`). One step:
    ``_last_loaded_step``), then this process's rows (TRL order: each prompt ``num_generations`` times in a row) run
    through `StepwiseRolloutEngine` on ``trainer.vllm_generation.llm`` with TRL's colocate SamplingParams
    (`sampling_params_from_trl`) and an `OnlinePruningCallback`: when a rollout first has ``pruning_l_detect``
-   generated tokens, the quality head scores the final-norm hidden state from which that token was sampled, the
-   calibrator turns the score into a survival probability ``p = clip(kappa + delta + lambda (rho - q), p_min, p_max)``
-   and the rollout is aborted inside vLLM with probability ``1 - p``: it stops with exactly ``L_detect`` tokens and
-   the scheduler gives its slot to the others. Rollouts that finish at or before ``L_detect`` are never pruned; a
-   group keeps at least ``pruning_min_survivors`` rollouts. Returns TRL's ``(completion_ids, logprobs)`` (top-1
-   sampled-token logprobs, as TRL keeps ``lp[0]``). ``pruning_mode="random"`` keeps every decided rollout with
-   probability ``kappa`` instead (the paper's random-pruning baseline; the head still learns).
+   generated tokens, the quality head scores the final-norm hidden state from which that token was sampled; once
+   its group's running rollouts all got there (normally the same engine step), the calibrator turns the scores into
+   survival probabilities, by default the group-relative rule ``p_i = clip(kappa + delta + lambda sign(q_bar_g -
+   rho) (q_bar_g - q_i), p_min, p_max)`` (``pruning_survival_rule``; ``q_bar_g`` the group's mean posterior, its
+   finished rollouts scored at their last token; ``delta`` makes the mean ``p`` of the rollouts decided in that
+   step ``kappa``), and each rollout is aborted inside vLLM with probability ``1 - p``: it stops with ``L_detect``
+   tokens (a few more if its group waited for a lagging member) and the scheduler gives its slot to the others.
+   The decision timing under preemption is in `efficient_rlvr.pruning.callback`. Rollouts that finish at or before
+   ``L_detect`` are never pruned; a group keeps at least ``pruning_min_survivors`` rollouts. Returns TRL's
+   ``(completion_ids, logprobs)`` (top-1 sampled-token logprobs, as TRL keeps ``lp[0]``). ``pruning_mode="random"``
+   keeps every decided rollout with probability ``kappa`` instead (the paper's random-pruning baseline; the head
+   still learns).
 2. Old log-probs. TRL computes them in `_generate_and_score_completions` before any batch stage runs. After a
    generation with pruned rows, `generate` temporarily wraps ``trainer._get_per_token_logps_and_entropies`` so that
    a no-grad call on exactly this generation's rows (checked token by token) runs the model on the surviving rows
@@ -36,8 +41,9 @@ mode) and its first batch stage (`process`). One step:
 4. Learning (`on_step_end`, after every optimizer step). The finished rollouts' detect-position and last-token hidden
    states (recorded during generation, no extra forward) and rewards are gathered from every process in `process`;
    after the optimizer step the head takes one BCE/Adam step on them (labels ``reward > pruning_correct_threshold``),
-   their out-of-sample scores (before the update) and labels enter the calibrator's buffer, and the calibrator is
-   refitted. Steps without a generation (``num_iterations > 1``) only refit. Cold start: for the first
+   the out-of-sample ``L_detect`` scores (before the update) and labels of those that reached ``L_detect`` enter the
+   calibrator's buffer (rollouts that finished before it are never pruned and would distort ``q``), and the
+   calibrator is refitted. Steps without a generation (``num_iterations > 1``) only refit. Cold start: for the first
    ``pruning_cold_start_steps`` optimizer steps the calibrator is not ready and nothing is pruned, while the head and
    the buffer learn.
 
@@ -53,11 +59,14 @@ all processes) restores every process's RNG.
 Checkpoints (`state_dict`): head weights and its Adam state, the calibrator's buffer and table, the callback's RNG
 and counters, the generation counter, learning data not yet consumed, cumulative totals.
 
-Metrics (``pruning/``): global pruned fraction, kept rows, mean reward of the kept rollouts, kept positive ratio ``rho_hat`` and ``rho_hat (1 -
-rho_hat)`` per group (all groups, and groups with a pruned rollout), tokens generated and tokens not generated
+Metrics (``pruning/``): global pruned fraction, kept rows, mean reward of the kept rollouts, kept positive ratio
+``rho_hat`` and ``rho_hat (1 - rho_hat)`` per group over the survivors' known rewards (``pruning/rho_hat``,
+``pruning/rho_hat_var``; all groups, and groups with a pruned rollout), tokens generated and tokens not generated
 (estimate: a pruned rollout would have run as long as its group's kept rollouts that passed L_detect; cumulative),
 rollouts pruned and log-prob rows skipped (cumulative), head loss / accuracy / AUC on the step's finished rollouts
-(before the update), delta, prior, expected and realised keep rate, hook and callback seconds, head seconds.
+(before the update), delta, prior, mean survival probability, ``pruning/realised_keep_rate`` (survivors over decided
+rollouts after the cold start, global, cumulative over the run; ``pruning/realised_keep_rate_step`` for the last
+batch), hook and callback seconds, head seconds.
 
 Not supported (refused at construction): vision inputs, tools / ``rollout_func``, vLLM sleep mode, tensor parallelism,
 a vLLM engine in another process (hidden states need ``VLLM_ENABLE_V1_MULTIPROCESSING=0``). Generations requested
@@ -65,10 +74,13 @@ again within an already processed generation batch (dynamic-sampling refill, V0.
 through TRL's own path: their rows never pass through `process`. Batch stages that need the batch in generation
 order (dynamic sampling, V0.5) cannot follow this stage, since it drops rows.
 
-Deviations / choices where the paper is silent (constants below): head width 128 and one Adam step per optimizer
-step on the step's finished rollouts; Laplace alpha 1; one shared FIFO buffer of ``pruning_buffer_size`` labelled
-scores (the prior is its positive fraction); the head scores the state that produced token L_detect (the engine's
-position convention, also used for training).
+Deviations / choices where the paper is silent (constants below): the survival rule is SPEC's group-relative
+correction of the appendix formula (in which ``rho`` cancels; ``pruning_survival_rule="literal"`` keeps it for
+comparison); ``delta`` is solved over the rollouts decided in one engine step rather than over the buffer (which
+holds survivors only); head width 128 and one Adam step per optimizer step on the step's finished rollouts; Laplace
+alpha 1; one shared FIFO buffer of ``pruning_buffer_size`` labelled ``L_detect`` scores (the prior is its positive
+fraction); the head scores the state that produced token L_detect (the engine's position convention, also used for
+training). A group split across processes is decided per part, ``q_bar`` over the part's rollouts.
 """
 
 from __future__ import annotations
@@ -341,6 +353,7 @@ class PruningStage:
             p_min=p_min,
             p_max=p_max,
             cold_start_steps=int(args.pruning_cold_start_steps),
+            survival_rule=str(args.pruning_survival_rule),
         )
         self.callback = OnlinePruningCallback(
             self.head_trainer,
@@ -355,7 +368,7 @@ class PruningStage:
         self.last_result: RolloutResult | None = None
         self._pending_key: tuple[int, int] | None = None
         self._processed_key: tuple[int, int] | None = None
-        self._learning: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._learning: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._logprob_pass: _SurvivorLogprobPass | None = None
         self._step_metrics: dict[str, float] = {}
         self._head_metrics: dict[str, float] = {}
@@ -366,6 +379,8 @@ class PruningStage:
             "tokens_not_generated": 0.0,
             "logprob_rows_skipped": 0,
             "unpruned_extra_generations": 0,
+            "decided": 0,
+            "decided_kept": 0,
         }
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY_LENGTH)
         self.head_history: deque[dict[str, Any]] = deque(maxlen=HISTORY_LENGTH)
@@ -453,19 +468,28 @@ class PruningStage:
         generation = self.callback.metrics()
         lengths = [len(c) for c in result.completion_ids]
         pruned_local = torch.tensor(result.aborted, dtype=torch.bool)  # [n]
+        decided = [d for d in self.callback.decisions if not d.cold_start]
         stats = torch.tensor(
             [
                 float((~pruned_local).sum()),
                 float(generation.get("pruning/tokens_not_generated_estimate", 0.0)),
                 float(sum(lengths)),
                 float(self._step_metrics["pruning/logprob_rows_skipped"]),
+                float(len(decided)),
+                float(sum(not d.pruned for d in decided)),
             ],
             dtype=torch.float64,
         )
-        local = torch.cat([pruned_local.to(torch.float64), stats]).to(device)  # [n + 4]
-        gathered = accelerator.gather(local).cpu().view(-1, n + 4)  # [P, n + 4]
+        width = n + stats.numel()
+        local = torch.cat([pruned_local.to(torch.float64), stats]).to(device)  # [n + 6]
+        gathered = accelerator.gather(local).cpu().view(-1, width)  # [P, n + 6]
         pruned = gathered[:, :n].reshape(-1).bool()  # [N_global]
-        kept_counts, saved, generated, skipped = gathered[:, n:].unbind(dim=1)  # [P] each
+        kept_counts, saved, generated, skipped, num_decided, num_decided_kept = gathered[:, n:].unbind(dim=1)  # [P]
+        self._totals["decided"] += int(num_decided.sum())
+        self._totals["decided_kept"] += int(num_decided_kept.sum())
+        self._step_metrics["pruning/realised_keep_rate_step"] = (
+            float(num_decided_kept.sum() / num_decided.sum()) if float(num_decided.sum()) > 0 else float("nan")
+        )
 
         # Rewards and advantages of the global batch, pruned rollouts unknown.
         if rewards is None:
@@ -496,17 +520,20 @@ class PruningStage:
         out[ROLLOUT_GROUPS] = (torch.arange(rank * n, (rank + 1) * n) // G).to(device)
         out = keep_rows(out, ~pruned_local, accelerator, min_rows=int(trainer.args.steps_per_generation))
 
-        # Learning data: finished rollouts of every process (identical on all of them, in process order).
+        # Learning data: finished rollouts of every process (identical on all of them, in process order); the
+        # calibration mask marks those that reached L_detect.
         local_rewards = rewards.detach()[rows_slice].float().cpu().tolist()
-        _, detect, last, values = self.callback.training_batch(local_rewards, result.request_ids)
+        ids, detect, last, values = self.callback.training_batch(local_rewards, result.request_ids)
+        calibrate = self.callback.reached_detect(ids)
         if accelerator.num_processes > 1:
             from accelerate.utils import gather_object
 
-            parts = gather_object([(detect.cpu(), last.cpu(), values.cpu())])
+            parts = gather_object([(detect.cpu(), last.cpu(), values.cpu(), calibrate)])
             detect = torch.cat([p[0] for p in parts])
             last = torch.cat([p[1] for p in parts])
             values = torch.cat([p[2] for p in parts])
-        self._learning.append((detect, last, values))
+            calibrate = torch.cat([p[3] for p in parts])
+        self._learning.append((detect, last, values, calibrate))
 
         self._processed_key, self._pending_key = self._pending_key, None
         self._record(trainer, result, rewards.detach().float().cpu(), pruned, saved, generated, skipped, kept_counts)
@@ -555,17 +582,15 @@ class PruningStage:
             }
         )
         # Diagnostics of this process's rows (tests, analysis): decisions with the ARRoL survival probability the
-        # calibrator gives right now (also during the cold start and in random mode).
+        # calibrated rule gave at decision time (also during the cold start and in random mode).
         decisions = {d.request_id: d for d in self.callback.decisions}
         n = len(result.request_ids)
         scores = torch.full((n,), math.nan)
+        arrol_survival = torch.full((n,), math.nan)
         for i, rid in enumerate(result.request_ids):
             if rid in decisions:
                 scores[i] = decisions[rid].score
-        decided = ~torch.isnan(scores)
-        arrol_survival = torch.full((n,), math.nan)
-        if bool(decided.any()):
-            arrol_survival[decided] = self.calibrator.survival_probabilities(scores[decided]).cpu()
+                arrol_survival[i] = decisions[rid].arrol_probability
         rank = trainer.accelerator.process_index
         self.history.append(
             {
@@ -591,11 +616,12 @@ class PruningStage:
         """Train the head on the gathered finished rollouts, fill the buffer and refit (or only refit)."""
         start = time.perf_counter()
         if self._learning:
-            detect = torch.cat([d for d, _, _ in self._learning])
-            last = torch.cat([x for _, x, _ in self._learning])
-            values = torch.cat([v for _, _, v in self._learning])
+            detect = torch.cat([d for d, _, _, _ in self._learning])
+            last = torch.cat([x for _, x, _, _ in self._learning])
+            values = torch.cat([v for _, _, v, _ in self._learning])
+            calibrate = torch.cat([c for _, _, _, c in self._learning])
             self._learning.clear()
-            self._head_metrics = self.callback.learn(detect, last, values)
+            self._head_metrics = self.callback.learn(detect, last, values, calibrate=calibrate)
             if trainer.accelerator.num_processes > 1:
                 from accelerate.utils import broadcast
 
@@ -619,6 +645,7 @@ class PruningStage:
         """``pruning/``: last generation (this process), last batch (global), head and calibrator, cumulative totals."""
         out = self.callback.metrics()
         out.pop("pruning/total_pruned_fraction", None)  # local; the global totals follow
+        out.pop("pruning/realised_keep_rate", None)
         out.update(self._head_metrics)
         out.update(self._step_metrics)
         out.update(
@@ -632,6 +659,9 @@ class PruningStage:
                 "pruning/tokens_not_generated_total": float(self._totals["tokens_not_generated"]),
                 "pruning/logprob_rows_skipped_total": float(self._totals["logprob_rows_skipped"]),
                 "pruning/unpruned_extra_generations": float(self._totals["unpruned_extra_generations"]),
+                "pruning/realised_keep_rate": (
+                    self._totals["decided_kept"] / self._totals["decided"] if self._totals["decided"] else float("nan")
+                ),
             }
         )
         return out
@@ -641,7 +671,7 @@ class PruningStage:
         return {
             "callback": self.callback.state_dict(),
             "generation_calls": self.generation_calls,
-            "learning": [(d.cpu().clone(), x.cpu().clone(), v.cpu().clone()) for d, x, v in self._learning],
+            "learning": [tuple(t.cpu().clone() for t in entry) for entry in self._learning],
             "totals": dict(self._totals),
             "head_metrics": dict(self._head_metrics),
         }
@@ -650,7 +680,12 @@ class PruningStage:
         """Restore what :meth:`state_dict` returned."""
         self.callback.load_state_dict(state["callback"])
         self.generation_calls = int(state["generation_calls"])
-        self._learning = [(d.clone(), x.clone(), v.clone()) for d, x, v in state.get("learning", [])]
+        self._learning = []
+        for entry in state.get("learning", []):
+            detect, last, values = (t.clone() for t in entry[:3])
+            # checkpoints from before the calibration mask: every row enters the buffer
+            calibrate = entry[3].clone() if len(entry) > 3 else torch.ones(values.numel(), dtype=torch.bool)
+            self._learning.append((detect, last, values, calibrate))
         self._totals.update(state.get("totals", {}))
         self._head_metrics = dict(state.get("head_metrics", {}))
         self.last_result = None
