@@ -103,19 +103,24 @@ def test_custom_thresholds_for_other_reward_scales():
     assert s.record("almost") == (MIXED, 0)
 
 
-def test_observe_ignores_none_and_nan_rewards():
-    s = HistorySampler()
-    s.observe(["a", "b", "c"], [[1.0, None, float("nan"), 1.0], [None, float("nan")], [0.0, 1.0]])
-    assert s.record("a") == (EASY, 1)  # mean of the two valid rewards = 1
+def test_observe_treats_none_and_nan_rewards_as_unknown():
+    """SPEC: a visit is classified on all G rollouts; with unknown ones it is mixed if the known rewards differ, else
+    unknown (not recorded, not counted). tests/test_selection_fidelity.py covers the pruning cases in detail."""
+    s = HistorySampler(adapt_warmup_steps=0)
+    s.observe(["a", "b", "c"], [[1.0, None, float("nan"), 1.0], [None, float("nan")], [0.0, None, 1.0]])
+    assert s.record("a") == (MIXED, 0)  # two unknown rewards could be wrong: unknown, not easy
     assert s.record("b") == (MIXED, 0)  # no valid reward: not a visit
-    rewards = torch.tensor([[0.0, float("nan"), 0.0], [1.0, 1.0, 1.0]])  # [N=2, G=3]
-    s.observe(["d", "a"], rewards)
-    assert s.record("d") == (HARD, 1)
-    assert s.record("a") == (EASY, 2)
+    assert s.record("c") == (MIXED, 0)  # known rewards differ: mixed
+    rewards = torch.tensor([[0.0, float("nan"), 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])  # [N=3, G=3]
+    s.observe(["d", "a", "e"], rewards)
+    assert s.record("d") == (MIXED, 0)  # unknown
+    assert s.record("a") == (EASY, 1)
+    assert s.record("e") == (HARD, 1)
     s.on_step_end()
-    # the adaptation saw 4 groups ("b" did not count): 2 easy, 1 hard, 1 mixed
-    assert s.metrics()["selection/history/easy_ratio"] == pytest.approx(2 / 4)
-    assert s.metrics()["selection/history/hard_ratio"] == pytest.approx(1 / 4)
+    # the adaptation saw 3 classified groups ("b" is no visit, the two unknown ones do not count): 1 easy, 1 hard
+    assert s.metrics()["selection/history/easy_ratio"] == pytest.approx(1 / 3)
+    assert s.metrics()["selection/history/hard_ratio"] == pytest.approx(1 / 3)
+    assert s.metrics()["selection/history/unknown_total"] == 2
     with pytest.raises(ValueError, match="same length"):
         s.observe(["a"], [ALL_RIGHT, ALL_RIGHT])
 
@@ -150,7 +155,7 @@ def test_target_split_one_third_easy_two_thirds_hard():
 
 
 def test_p_adaptation_steps():
-    s = HistorySampler()
+    s = HistorySampler(adapt_warmup_steps=0)  # adapt from the first step (the default waits for a revisit)
     # 12 groups: 2 easy (ratio 0.167 >= 0.083 -> p_easy down), 1 hard (0.083 < 0.167 -> p_hard up)
     s.observe([f"k{i}" for i in range(12)], [ALL_RIGHT] * 2 + [ALL_WRONG] + [SOME_RIGHT] * 9)
     s.on_step_end()
@@ -162,20 +167,20 @@ def test_p_adaptation_steps():
     s.on_step_end()
     assert (s.p_easy, s.p_hard) == (pytest.approx(0.50), pytest.approx(0.52))
     # ratio exactly at the target counts as ">=": target_easy = 0.4 * 0.25 = 0.1, 1 easy group of 10
-    t = HistorySampler(target_zero_variance=0.4, easy_target_share=0.25)
+    t = HistorySampler(target_zero_variance=0.4, easy_target_share=0.25, adapt_warmup_steps=0)
     t.observe([f"k{i}" for i in range(10)], [ALL_RIGHT] + [SOME_RIGHT] * 9)
     t.on_step_end()
     assert t.p_easy == pytest.approx(0.49)
 
 
 def test_p_clamps_at_both_ends():
-    low = HistorySampler(p_init=0.06)
+    low = HistorySampler(p_init=0.06, adapt_warmup_steps=0)
     for _ in range(3):  # every group easy and hard targets missed: p_easy 0.06 -> 0.05 -> 0.05 -> 0.05
         low.observe(["a"], [ALL_RIGHT])
         low.on_step_end()
     assert low.p_easy == pytest.approx(0.05)
     assert low.p_hard == pytest.approx(0.09)  # no hard group: up by 0.01 each step
-    high = HistorySampler(p_init=0.94)
+    high = HistorySampler(p_init=0.94, adapt_warmup_steps=0)
     for _ in range(3):
         high.observe(["a"], [SOME_RIGHT])
         high.on_step_end()

@@ -207,7 +207,8 @@ def test_dynamic_sampling_drops_zero_variance_groups_and_refills_from_new_prompt
     batch = trainer._generate_and_score_completions(generation_rows(train_ds, original, G))
 
     drawn = CandidatePool(len(train_ds), seed=0).draw(stage.pool.state_dict()["drawn_total"])
-    order = original + drawn  # generation order: the original batch, then every refill round's prompts
+    refilled = [i for n, i in enumerate(drawn) if i not in original and i not in drawn[:n]]  # never in the step twice
+    order = original + refilled  # generation order: the original batch, then every refill round's prompts
     expected = [i for i in order if _terms(train_ds[i]["question"]) % 2 == 1][:4]
     tokenizer = trainer.processing_class
     got = [
@@ -227,8 +228,8 @@ def test_dynamic_sampling_drops_zero_variance_groups_and_refills_from_new_prompt
     m = stage.metrics()
     assert m["selection/dynamic/kept_groups"] == 4 and m["selection/dynamic/shortfall"] == 0
     assert m["selection/dynamic/rounds"] >= 2  # 1 of 4 kept, refill of 4 prompts, then another round
-    assert m["selection/dynamic/rollouts_generated"] == (4 + len(drawn)) * G
-    assert m["selection/dynamic/rollouts_dropped_total"] == (len(drawn) + 4 - 4) * G
+    assert m["selection/dynamic/rollouts_generated"] == (4 + len(refilled)) * G
+    assert m["selection/dynamic/rollouts_dropped_total"] == (len(refilled) + 4 - 4) * G
 
 
 def test_dynamic_sampling_shortfall_keeps_valid_shapes(tiny_model_dir, chain_sum_splits, grpo_kwargs):
@@ -269,7 +270,8 @@ def record_selections(trainer: EfficientGRPOTrainer) -> list[list[str]]:
 def test_resume_from_checkpoint_repeats_the_next_selections(base_model_dir, chain_sum_splits, grpo_kwargs, tmp_path):
     """4 steps with a checkpoint at step 2, against a run resumed from that checkpoint: steps 3 and 4 select the same
     prompts. 16 prompts and 2B = 8 candidates per step: from step 3 on the pool is in its second epoch, so the
-    history's records, its RNG and the adapted p's all take part in the decisions."""
+    history's records, its RNG and the keys it remembers to detect the first revisit take part in the decisions; p
+    adapts from step 3 (its first revisit) on, so step 4 also uses adapted p's."""
     train_ds = chain_sum_splits[0].select(range(16))
     kwargs = grpo_kwargs(
         per_device_train_batch_size=16,  # B = 4 prompts x G = 4
@@ -289,7 +291,9 @@ def test_resume_from_checkpoint_repeats_the_next_selections(base_model_dir, chai
     saved = torch.load(os.path.join(checkpoint, "efficient_rlvr_state.pt"), weights_only=False)
     history = saved["PromptSelectionStage"]["history"]
     assert len(history["records"]) > 0, "the base model should leave some all-correct / all-wrong records"
-    assert history["steps"] == 2 and history["last_ratios"] is not None  # p_easy / p_hard adapted after each step
+    # no revisit in epoch 1 (steps 1-2): p not adapted yet; the 8 rolled-out prompts are remembered for step 3
+    assert history["steps"] == 2 and history["adapting"] is False and history["last_ratios"] is None
+    assert len(history["seen"]) == 8
     assert saved["PromptSelectionStage"]["pool"]["epoch"] == 1  # 2 steps x 8 candidates = one epoch of 16
 
     resumed = make_trainer(base_model_dir, train_ds, {**kwargs, "output_dir": str(tmp_path / "resumed")})
@@ -301,6 +305,7 @@ def test_resume_from_checkpoint_repeats_the_next_selections(base_model_dir, chai
     assert seen_full[2] != seen_full[0]
     a, b = full.prompt_selection.state_dict(), resumed.prompt_selection.state_dict()
     assert a["history"] == b["history"] and a["pool"] == b["pool"]
+    assert a["history"]["adapting"] is True and a["history"]["last_ratios"] is not None  # adapted after steps 3, 4
 
 
 @pytest.mark.slow

@@ -6,8 +6,10 @@ step it may update itself (`on_step_end`). Everything it needs to repeat its nex
 included, is in `state_dict()`; `metrics()` returns floats under the `selection/` namespace.
 
 Reward groups are accepted in the shapes the trainer has at hand: a `[N, G]` tensor, a list of `N` tensors or lists
-(groups may differ in size, e.g. after rollout pruning). `None` and NaN rewards are ignored; a group without any
-valid reward is treated as not observed.
+(groups may differ in size, e.g. after rollout pruning). `None` and NaN rewards are unknown (a pruned rollout, or one
+dropped before scoring): `iter_groups` drops them, `iter_group_entries` also says how many entries the group had, so
+a selector can tell a complete group from one with unknown rollouts (SPEC: a visit is classified on all G rollouts).
+A group without any valid reward is treated as not observed.
 """
 
 from __future__ import annotations
@@ -54,6 +56,19 @@ def iter_groups(group_rewards: RewardGroups) -> list[list[float]]:
             raise ValueError(f"group_rewards as a tensor must be [N, G], got shape {tuple(group_rewards.shape)}.")
         group_rewards = group_rewards.detach().float().cpu()  # [N, G]
     return [valid_rewards(group) for group in group_rewards]
+
+
+def iter_group_entries(group_rewards: RewardGroups) -> list[tuple[list[float], int]]:
+    """Like `iter_groups`, with each group's number of entries (valid or not): N pairs (valid rewards, entries)."""
+    if isinstance(group_rewards, torch.Tensor):
+        if group_rewards.dim() != 2:
+            raise ValueError(f"group_rewards as a tensor must be [N, G], got shape {tuple(group_rewards.shape)}.")
+        group_rewards = group_rewards.detach().float().cpu()  # [N, G]
+    out = []
+    for group in group_rewards:
+        entries = group.numel() if isinstance(group, torch.Tensor) else len(group)
+        out.append((valid_rewards(group), int(entries)))
+    return out
 
 
 def rollouts_saved(skipped_prompts: int, num_generations: int) -> int:

@@ -1,7 +1,8 @@
 """DAPO-style dynamic sampling: a post-rollout gate that drops groups whose rewards have zero variance.
 
 A group whose G rewards are all equal has GRPO advantage 0 for every rollout and teaches nothing; DAPO drops such
-groups after rollout and draws more prompts until the batch is full ("refill"). The gate decides on the range
+groups after rollout and draws more prompts until the batch is full ("refill"); a refill never repeats a prompt
+already in the step (`DynamicSamplingStage._draw_fresh` in stage.py). The gate decides on the range
 max(r) - min(r) of a group's valid rewards (`None`/NaN ignored): the group is kept if the range is > `tolerance`.
 With `tolerance = 0` this is exactly "variance > 0" and, unlike a computed standard deviation, has no rounding.
 A group with fewer than two valid rewards has no variance to learn from and is dropped.

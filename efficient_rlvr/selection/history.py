@@ -1,10 +1,15 @@
 """HIVE stage 1: the history sampler, i.e. GRESO's probabilistic pre-rollout skip rule (arXiv 2506.02177).
 
-Algorithm (SPEC section 1, stage 1). Every rolled-out group is classified by its mean reward m over its valid
-rewards: "easy" if m >= `easy_threshold` (all correct with 0/1 rewards), "hard" if m <= `hard_threshold` (nothing
-correct), otherwise "mixed". For each prompt key the sampler remembers only the type of the last visit and the
-length z of the run of identical most-recent visits (z consecutive easy visits, or z consecutive hard visits):
-that is all the rule reads, so a record is O(1) whatever the number of visits. When a candidate is drawn:
+Algorithm (SPEC section 1, stage 1). Every rolled-out group is classified on all of its G rollouts. A complete group
+(every reward known) is classified by its mean reward m: "easy" if m >= `easy_threshold` (all correct with 0/1
+rewards), "hard" if m <= `hard_threshold` (nothing correct), otherwise "mixed". A group with unknown rewards (`None` /
+NaN: rollouts pruned by ARRoL or dropped before scoring; or fewer than `group_size` rewards when that is set) is
+"mixed" if its known rewards differ, and otherwise "unknown": the pruned rollouts could have gone either way (a group
+whose correct rollouts were pruned is not "hard"), so an unknown visit is not recorded (the prompt's record is left as
+it was) and not counted in easy_ratio / hard_ratio; `unknown_total` counts such visits. For each prompt key the
+sampler remembers only the type of the last visit and the length z of the run of identical most-recent visits (z
+consecutive easy visits, or z consecutive hard visits): that is all the rule reads, so a record is O(1) whatever the
+number of visits. When a candidate is drawn:
 
 - unseen, or last visit mixed: always kept (skip probability 0);
 - last visit easy, z consecutive easy visits: skipped with probability 1 - max(p_easy ** z, p_floor);
@@ -16,17 +21,30 @@ observed again. One uniform draw from the sampler's own generator decides each c
 positive, in candidate order; candidates with probability 0 consume no randomness.
 
 Adaptive exploration (GRESO): after every optimizer step (`on_step_end`), with easy_ratio / hard_ratio the fractions
-of groups observed since the previous update that were easy / hard, target_easy = target_zero_variance *
-easy_target_share and target_hard = target_zero_variance * (1 - easy_target_share) (0.25/3 and 0.25*2/3 by
-default): p -= p_step if ratio >= target else p += p_step, clamped to [p_min, p_max]. Lowering p skips more.
+of the groups observed since the previous update (unknown visits left out) that were easy / hard, target_easy =
+target_zero_variance * easy_target_share and target_hard = target_zero_variance * (1 - easy_target_share) (0.25/3 and
+0.25*2/3 by default): p -= p_step if ratio >= target else p += p_step, clamped to [p_min, p_max]. Lowering p skips
+more.
+
+When adaptation starts (SPEC correction): GRESO adapts p only from its second epoch on, when skips become possible;
+adapting during the first pass would walk both p to a clamp before any prompt is revisited. So p adapts only once
+revisits happen. `adapt_warmup_steps=None` (the default): from the first step at which a revisited prompt is drawn,
+i.e. a candidate passed to `select`, or a group passed to `observe` (refills reach the history that way), whose key
+was observed in an earlier visit; that step's `on_step_end` adapts, and every later one does. To detect that, the
+sampler remembers the keys it observed until adaptation starts (at most `max_records`, oldest forgotten first) and
+then forgets them. `adapt_warmup_steps=n` (an int): adapt from the (n+1)-th `on_step_end` on, revisits or not (0 =
+from the first step; GRESO's rule is n = optimizer steps per epoch). Whether adaptation has started is part of the
+state (`adapting` in `state_dict` and in the metrics).
 
 Deviations and choices, all configurable:
 - Thresholds default to 1.0 / 0.0, which are exact for 0/1 rewards (mean of 0/1 floats is exact); GRESO used
   0.98 / 0.11 on its 0 / 0.1 / 1 reward scale. The adaptation counts the same easy/hard classes (GRESO counted
   groups whose rewards were all exactly 1 / all exactly 0.1, the same sets on its scale).
 - A step that observed no group (e.g. TRL reusing one generation for several optimizer steps) leaves p unchanged
-  (GRESO would divide by zero). GRESO only adapts from its second epoch on; `adapt_warmup_steps` (default 0, as in
-  SPEC) reproduces that when set to the number of optimizer steps per epoch.
+  (GRESO would divide by zero).
+- "Mixed if the known rewards differ" is exact for 0/1 rewards; on a graded scale a group whose known rewards differ
+  slightly could still have reached `easy_threshold` had it been complete: it is counted mixed (kept, the
+  conservative side).
 - A prompt whose last visit was mixed needs no record (it behaves as unseen), so its record is dropped: the history
   holds only prompts whose last visit had zero variance.
 - Memory is bounded: at most `max_records` records are kept; when a new record would exceed it, the record updated
@@ -45,7 +63,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Candidate, RewardGroups, Selector, iter_groups
+from .base import Candidate, RewardGroups, Selector, iter_group_entries
 
 MIXED, EASY, HARD = 0, 1, 2
 _COUNTERS = ("candidates", "kept", "skipped_easy", "skipped_hard")
@@ -63,9 +81,13 @@ class HistorySampler(Selector):
         p_min, p_max: clamp range of p, 0 < p_min <= p_max <= 1.
         target_zero_variance: targeted fraction of zero-variance groups among rolled-out groups, in [0, 1].
         easy_target_share: share of that target given to easy groups (1/3; hard gets the rest), in [0, 1].
-        adapt_warmup_steps: number of `on_step_end` calls before p starts adapting, >= 0.
+        adapt_warmup_steps: None = p adapts from the first step at which a revisited prompt is drawn (SPEC); an int
+            n >= 0 = p adapts after n `on_step_end` calls, revisits or not.
         seed: seed of the sampler's own numpy generator, >= 0.
         max_records: most prompts with a record, >= 1 (least recently updated evicted first); None = unbounded.
+            Also bounds the keys remembered to detect the first revisit.
+        group_size: rollouts per complete group (G), >= 1; a group with fewer entries has unknown rewards. None =
+            every entry a group has counts as its full size (unknown rewards are then marked `None` / NaN only).
     """
 
     def __init__(
@@ -80,9 +102,10 @@ class HistorySampler(Selector):
         p_max: float = 0.95,
         target_zero_variance: float = 0.25,
         easy_target_share: float = 1.0 / 3.0,
-        adapt_warmup_steps: int = 0,
+        adapt_warmup_steps: int | None = None,
         seed: int = 0,
         max_records: int | None = None,
+        group_size: int | None = None,
     ):
         if not hard_threshold < easy_threshold:
             raise ValueError(
@@ -101,8 +124,14 @@ class HistorySampler(Selector):
             raise ValueError(f"target_zero_variance must be in [0, 1], got {target_zero_variance}.")
         if not 0.0 <= easy_target_share <= 1.0:
             raise ValueError(f"easy_target_share must be in [0, 1], got {easy_target_share}.")
-        if adapt_warmup_steps < 0:
-            raise ValueError(f"adapt_warmup_steps must be >= 0, got {adapt_warmup_steps}.")
+        if adapt_warmup_steps is not None and (
+            isinstance(adapt_warmup_steps, bool) or not isinstance(adapt_warmup_steps, int) or adapt_warmup_steps < 0
+        ):
+            raise ValueError(f"adapt_warmup_steps must be an int >= 0 or None, got {adapt_warmup_steps!r}.")
+        if group_size is not None and (
+            isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
+        ):
+            raise ValueError(f"group_size must be an int >= 1 or None, got {group_size!r}.")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}.")
         if max_records is not None and (isinstance(max_records, bool) or max_records < 1):
@@ -116,7 +145,8 @@ class HistorySampler(Selector):
         self.p_max = float(p_max)
         self.target_easy = target_zero_variance * easy_target_share
         self.target_hard = target_zero_variance * (1.0 - easy_target_share)
-        self.adapt_warmup_steps = int(adapt_warmup_steps)
+        self.adapt_warmup_steps = adapt_warmup_steps
+        self.group_size = group_size
 
         self.p_easy = float(p_init)
         self.p_hard = float(p_init)
@@ -125,7 +155,13 @@ class HistorySampler(Selector):
         # Ordered from least to most recently updated (the eviction order when `max_records` is reached).
         self._records: OrderedDict[str, tuple[int, int]] = OrderedDict()
         self._evicted_total = 0
+        self._unknown_total = 0  # visits left undetermined by unknown (pruned) rewards
         self._steps = 0
+        self._adapting = False  # whether p adapts at every on_step_end (set once, never unset)
+        # Until adaptation starts with adapt_warmup_steps=None: keys observed so far (oldest first) and whether a
+        # prompt drawn or observed since the last on_step_end had been observed before.
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._revisit = False
         self._pending = {"groups": 0, "easy": 0, "hard": 0}  # groups observed since the last adaptation
         self._window = dict.fromkeys(_COUNTERS, 0)  # selection counts since the last on_step_end
         self._last = dict.fromkeys(_COUNTERS, 0)  # counts of the most recent step that selected anything
@@ -141,6 +177,17 @@ class HistorySampler(Selector):
             return HARD
         return MIXED
 
+    def visit_kind(self, rewards: Sequence[float], entries: int) -> int | None:
+        """EASY, HARD or MIXED for a visit with these known `rewards` out of `entries` rollouts, None if unknown.
+
+        Complete (every entry known and, when `group_size` is set, at least `group_size` of them): classified on the
+        mean. Otherwise MIXED if the known rewards differ, else None (the unknown ones could change the class)."""
+        if not rewards:
+            return None
+        if len(rewards) == entries and (self.group_size is None or entries >= self.group_size):
+            return self.classify(sum(rewards) / len(rewards))
+        return MIXED if max(rewards) > min(rewards) else None
+
     def record(self, key: str) -> tuple[int, int]:
         """(type of the last visit, run length z) of a prompt; (MIXED, 0) if unseen or last visit mixed."""
         return self._records.get(key, (MIXED, 0))
@@ -153,8 +200,21 @@ class HistorySampler(Selector):
         p = self.p_easy if kind == EASY else self.p_hard
         return 1.0 - max(p**z, self.p_floor)
 
+    @property
+    def adapting(self) -> bool:
+        """Whether p_easy / p_hard adapt after every step (set once adaptation has started)."""
+        return self._adapting
+
+    def _watching_revisits(self) -> bool:
+        return not self._adapting and self.adapt_warmup_steps is None
+
+    def _is_revisit(self, key: str) -> bool:
+        return key in self._seen or key in self._records
+
     def select(self, candidates: Sequence[Candidate]) -> list[Candidate]:
         kept: list[Candidate] = []
+        if self._watching_revisits() and any(self._is_revisit(c.key) for c in candidates):
+            self._revisit = True
         for candidate in candidates:
             prob = self.skip_probability(candidate.key)
             if prob > 0.0 and self._rng.random() < prob:
@@ -167,13 +227,23 @@ class HistorySampler(Selector):
         return kept
 
     def observe(self, keys: Sequence[str], group_rewards: RewardGroups) -> None:
-        groups = iter_groups(group_rewards)
+        groups = iter_group_entries(group_rewards)
         if len(keys) != len(groups):
             raise ValueError(f"keys and group_rewards must have the same length, got {len(keys)} and {len(groups)}.")
-        for key, rewards in zip(keys, groups, strict=True):
-            if not rewards:
+        for key, (rewards, entries) in zip(keys, groups, strict=True):
+            if not rewards:  # nothing known: not a visit
                 continue
-            kind = self.classify(sum(rewards) / len(rewards))
+            if self._watching_revisits():
+                if self._is_revisit(key):
+                    self._revisit = True
+                self._seen[key] = None
+                self._seen.move_to_end(key)
+                if self.max_records is not None and len(self._seen) > self.max_records:
+                    self._seen.popitem(last=False)
+            kind = self.visit_kind(rewards, entries)
+            if kind is None:  # unknown: no record change, not counted in the ratios
+                self._unknown_total += 1
+                continue
             self._pending["groups"] += 1
             if kind == MIXED:
                 self._records.pop(key, None)
@@ -189,8 +259,16 @@ class HistorySampler(Selector):
     def on_step_end(self) -> None:
         """Adapt p_easy / p_hard from the groups observed since the last call, and close the step's counters."""
         self._steps += 1
+        if not self._adapting:
+            if self.adapt_warmup_steps is None:
+                self._adapting = self._revisit
+            else:
+                self._adapting = self._steps > self.adapt_warmup_steps
+            if self._adapting:
+                self._seen.clear()  # only needed to detect the first revisit
+        self._revisit = False
         groups = self._pending["groups"]
-        if groups > 0 and self._steps > self.adapt_warmup_steps:
+        if groups > 0 and self._adapting:
             easy_ratio = self._pending["easy"] / groups
             hard_ratio = self._pending["hard"] / groups
             self.p_easy = self._adapt(self.p_easy, easy_ratio, self.target_easy)
@@ -223,6 +301,10 @@ class HistorySampler(Selector):
         return {
             "records": dict(self._records),  # insertion order = update order (kept by dict and torch.save)
             "evicted_total": self._evicted_total,
+            "unknown_total": self._unknown_total,
+            "adapting": self._adapting,
+            "seen": list(self._seen),  # oldest first; empty once adapting
+            "revisit": self._revisit,
             "p_easy": self.p_easy,
             "p_hard": self.p_hard,
             "rng": copy.deepcopy(self._rng.bit_generator.state),
@@ -237,6 +319,11 @@ class HistorySampler(Selector):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._records = OrderedDict((str(k), (int(v[0]), int(v[1]))) for k, v in state["records"].items())
         self._evicted_total = int(state.get("evicted_total", 0))
+        self._unknown_total = int(state.get("unknown_total", 0))
+        # states saved before these fields existed: adaptation had started if it had ever adapted
+        self._adapting = bool(state.get("adapting", state["last_ratios"] is not None))
+        self._seen = OrderedDict((str(k), None) for k in state.get("seen", []))
+        self._revisit = bool(state.get("revisit", False))
         self.p_easy = float(state["p_easy"])
         self.p_hard = float(state["p_hard"])
         self._rng.bit_generator.state = copy.deepcopy(state["rng"])
@@ -249,13 +336,16 @@ class HistorySampler(Selector):
 
     def metrics(self) -> dict[str, float]:
         """Counts of the most recent step that selected anything (closed by `on_step_end`), cumulative totals,
-        the current p_easy / p_hard and the easy / hard ratios of the last adaptation."""
+        the current p_easy / p_hard, whether they adapt (`adapting`, 0/1), the easy / hard ratios of the last
+        adaptation and the visits left unknown by pruned rewards (`unknown_total`)."""
         prefix = "selection/history/"
         out = {prefix + name: float(value) for name, value in self._last.items()}
         out[prefix + "skipped_total"] = float(self._totals["skipped_easy"] + self._totals["skipped_hard"])
         out[prefix + "candidates_total"] = float(self._totals["candidates"])
         out[prefix + "p_easy"] = self.p_easy
         out[prefix + "p_hard"] = self.p_hard
+        out[prefix + "adapting"] = float(self._adapting)
+        out[prefix + "unknown_total"] = float(self._unknown_total)
         if self._last_ratios is not None:  # set by the first adaptation
             out[prefix + "easy_ratio"] = self._last_ratios["easy"]
             out[prefix + "hard_ratio"] = self._last_ratios["hard"]

@@ -20,27 +20,34 @@ its size and columns and fills it from its own pool:
 3. The chosen global list is split by rank (rank r gets prompts [r*B_local, (r+1)*B_local)), each prompt repeated G
    times, rows carrying the same columns the dataloader delivered.
 
-After scoring, `observe` records every group's rewards (gathered over processes) in the history; after every
-optimizer step `on_step_end` adapts p_easy / p_hard. Every process makes identical decisions because every input of
-a decision is identical: the pool, the history RNG, the gathered rewards and the gathered entropies.
+After scoring, `observe` records every group's rewards (gathered over processes) in the history, classified on all G
+rollouts: a group with pruned (NaN) rollouts is mixed if its known rewards differ and otherwise unknown (not
+recorded, not counted in the ratios). After every optimizer step `on_step_end` adapts p_easy / p_hard, but only once
+revisits happen (`selection_adapt_warmup_steps`: None = from the first step that draws a revisited prompt; n = after
+n optimizer steps). Every process makes identical decisions because every input of a decision is identical: the
+pool, the history RNG, the gathered rewards and the gathered entropies.
 
 `DynamicSamplingStage` (a batch stage, `dynamic_sampling`) is DAPO's dynamic sampling: after scoring it drops the
 groups whose rewards have zero variance and refills the batch with groups rolled out for extra prompts (its own
-pool), for at most `dynamic_sampling_max_rounds` extra rounds. A refill calls TRL's unmodified
-`trl.GRPOTrainer._generate_and_score_completions(trainer, extra_rows)` on every process with the same number of
-rows (m prompts x G, m a multiple of num_processes), so TRL builds complete groups of G with its own advantages,
-old log-probs and importance ratios; the batches are concatenated (`concat_batches`: prompts left-padded,
-completions right-padded). The gate reads each row's reward and group (`rollout_rewards` / `rollout_groups`), so it
-also runs after pruning: a group is judged on its known (surviving) rewards, and refill rows get new group ids after
-the batch's. The first B_global surviving groups in generation order are kept (original batch first),
-every other row is dropped with `efficient_rlvr.batch.keep_rows` (which recounts `num_items_in_batch` over all
-processes). Shapes stay valid because whole groups of G rows are kept or dropped, and if the refill rounds run out
-the batch is simply smaller (`selection/dynamic/shortfall`). Every process ends with the same number of rows: the
-kept groups are not spread evenly over the processes, and TRL's loss all-gathers per-sequence metrics (clip ratios),
-which needs equal local row counts; so a process with fewer kept groups than the busiest one (or fewer than
-`steps_per_generation` rows) keeps some dropped rows as inert padding (zero completion mask, zero advantage: they
-add nothing to the loss). Every process knows every process's count from the gathered rewards, so this needs no
-extra communication.
+pool), for at most `dynamic_sampling_max_rounds` extra rounds. A refill never repeats a prompt already in the step:
+its prompts are the pool's next draws whose prompt keys are neither in the step's batch (all processes' rows,
+gathered once when a refill is needed) nor in an earlier refill of the step; the skipped draws are consumed, so the
+draws stay a function of the pool state (deterministic on every process, resumed with the pool). When an epoch's
+worth of draws finds no fresh prompt (a dataset barely larger than the step) the refills stop. A refill calls TRL's
+unmodified `trl.GRPOTrainer._generate_and_score_completions(trainer, extra_rows)` on every process with the same
+number of rows (m prompts x G, m a multiple of num_processes), so TRL builds complete groups of G with its own
+advantages, old log-probs and importance ratios; the batches are concatenated (`concat_batches`: prompts
+left-padded, completions right-padded). The gate reads each row's reward and group (`rollout_rewards` /
+`rollout_groups`), so it also runs after pruning: a group is judged on its known (surviving) rewards, and refill
+rows get new group ids after the batch's. The first B_global surviving groups in generation order are kept (original
+batch first), every other row is dropped with `efficient_rlvr.batch.keep_rows` (which recounts `num_items_in_batch`
+over all processes). Shapes stay valid because whole groups of G rows are kept or dropped, and if the refill rounds
+run out the batch is simply smaller (`selection/dynamic/shortfall`). Every process ends with the same number of
+rows: the kept groups are not spread evenly over the processes, and TRL's loss all-gathers per-sequence metrics
+(clip ratios), which needs equal local row counts; so a process with fewer kept groups than the busiest one (or
+fewer than `steps_per_generation` rows) keeps some dropped rows as inert padding (zero completion mask, zero
+advantage: they add nothing to the loss). Every process knows every process's count from the gathered rewards, so
+this needs no extra communication.
 
 Deviations and choices: stage 2 in fixed-count mode (see 2.); HIVE's stage 1 runs on the prompts drawn per step,
 not on TRL's sampler order (the sampler still runs and its batches are discarded); the history is capped at
@@ -100,7 +107,7 @@ def _rank_slice(n_items: int, accelerator: Any) -> slice:
     return slice(accelerator.process_index * per, (accelerator.process_index + 1) * per)
 
 
-def _gather_list(values: list[float], accelerator: Any) -> list[float]:
+def _gather_list(values: list[Any], accelerator: Any) -> list[Any]:
     """Concatenation, in process order, of every process's `values` (identical on every process)."""
     if accelerator.num_processes == 1:
         return list(values)
@@ -135,8 +142,10 @@ class PromptSelectionStage:
                 p_init=args.selection_p_init,
                 p_floor=args.selection_p_floor,
                 target_zero_variance=args.selection_target_zero_variance,
+                adapt_warmup_steps=args.selection_adapt_warmup_steps,
                 seed=args.seed,
                 max_records=HISTORY_MAX_RECORDS,
+                group_size=self.num_generations,
             )
         self.entropy_filter: EntropyMedianFilter | None = None
         if args.selection_entropy:
@@ -294,9 +303,11 @@ class PromptSelectionStage:
     def metrics(self) -> dict[str, float]:
         """`selection/...`: the last generation batch's candidates (prompts drawn), stage-1 survivors, skipped
         easy / hard (stage 1) and by entropy (stage 2), kept, pool dry (1/0) and top-ups, the entropy threshold and
-        seconds of the entropy pass; p_easy / p_hard; cumulative prompts skipped, rollouts saved (skipped prompts x
-        G: what rolling out every drawn prompt would have cost on top), entropy seconds and dry events; tracked
-        prompts (history size) and the pool's epoch."""
+        seconds of the entropy pass; p_easy / p_hard and whether they adapt yet (`adapting`, 0/1: from the first step
+        that draws a revisited prompt unless `selection_adapt_warmup_steps` is set); stage 1's cumulative skips
+        (`stage1_skipped_total`, easy + hard, topped-up ones included); cumulative prompts skipped by both stages,
+        rollouts saved (skipped prompts x G: what rolling out every drawn prompt would have cost on top), entropy
+        seconds and dry events; tracked prompts (history size) and the pool's epoch."""
         out = dict(self._last)
         skipped = self._totals["drawn"] - self._totals["rolled_out"]
         out["selection/prompts_skipped_total"] = float(skipped)
@@ -308,6 +319,9 @@ class PromptSelectionStage:
         if self.history is not None:
             out["selection/p_easy"] = self.history.p_easy
             out["selection/p_hard"] = self.history.p_hard
+            out["selection/adapting"] = float(self.history.adapting)
+            counts = self.history.counts()
+            out["selection/stage1_skipped_total"] = float(counts["skipped_easy"] + counts["skipped_hard"])
             out["selection/tracked_prompts"] = float(self.history.num_records)
         return out
 
@@ -336,14 +350,41 @@ class DynamicSamplingStage:
         self._last: dict[str, float] = {}
         self._totals = {"rollouts_generated": 0, "rollouts_refilled": 0, "rollouts_dropped": 0, "shortfall_groups": 0}
 
+    def _draw_fresh(self, dataset: Any, m: int, used: set[str], multiple: int = 1) -> list[int]:
+        """Up to `m` dataset indices from the pool whose prompts are not in `used` (prompt keys) nor repeated, cut to
+        a multiple of `multiple`; their keys are added to `used`. At most one epoch's worth (`dataset_size`) of
+        indices is drawn per call, so a step holding (nearly) every prompt gets fewer (possibly none). Drawn
+        indices that are skipped or cut are consumed. Deterministic given the pool state and `used`."""
+        fresh: list[int] = []
+        keys: list[str] = []
+        found: set[str] = set()
+        drawn = 0
+        while len(fresh) < m and drawn < self.pool.dataset_size:
+            need = min(m - len(fresh), self.pool.dataset_size - drawn)
+            for index in self.pool.draw(need):
+                key = prompt_key(dataset[int(index)]["prompt"])
+                if key not in used and key not in found:
+                    fresh.append(int(index))
+                    keys.append(key)
+                    found.add(key)
+            drawn += need
+        n = len(fresh) // multiple * multiple
+        used.update(keys[:n])
+        return fresh[:n]
+
+    def _step_keys(self, trainer: Any, rows: list[dict[str, Any]]) -> set[str]:
+        """Prompt keys of the step's batch on all processes (`rows` are this process's generation rows)."""
+        local = sorted({prompt_key(row["prompt"]) for row in rows})
+        return set(_gather_list(local, trainer.accelerator))
+
     def _refill(
-        self, trainer: Any, m: int, columns: list[str], first_group: int
+        self, trainer: Any, indices: list[int], columns: list[str], first_group: int
     ) -> tuple[dict[str, Any], torch.Tensor]:
-        """Roll out m (global) fresh prompts x G on every process: this process's annotated batch and the rewards
-        `[m * G]` of all processes; the new groups get the global ids `first_group ...`."""
+        """Roll out the (global) prompts `indices` x G on every process: this process's annotated batch and the
+        rewards `[m * G]` of all processes; the new groups get the global ids `first_group ...`."""
         from trl import GRPOTrainer
 
-        indices = self.pool.draw(m)
+        m = len(indices)
         local = indices[_rank_slice(m, trainer.accelerator)]
         rows = _repeat_rows([_dataset_row(trainer.train_dataset, i, columns) for i in local], self.num_generations)
         extra = GRPOTrainer._generate_and_score_completions(trainer, rows)
@@ -378,14 +419,19 @@ class DynamicSamplingStage:
             return batch
         pieces = [batch]
         columns = list(rows[0].keys())
+        used = self._step_keys(trainer, rows)  # every process enters here together: `kept` comes from gathered rewards
         rounds, next_group = 0, target
         while kept < target and rounds < self.max_rounds:
-            rounds += 1
-            missing = self.gate.refill_needed(kept, target)
             rate = max(kept / gated, DYNAMIC_MIN_KEEP_RATE)
-            m = min(math.ceil(missing / rate), target)
+            m = min(math.ceil((target - kept) / rate), target)
             m = math.ceil(m / n_proc) * n_proc
-            extra, extra_rewards = self._refill(trainer, m, columns, next_group)
+            indices = self._draw_fresh(trainer.train_dataset, m, used, multiple=n_proc)
+            if not indices:  # every prompt of the dataset is already in the step
+                break
+            rounds += 1
+            self.gate.refill_needed(kept, target)  # counts the refill round
+            m = len(indices)
+            extra, extra_rewards = self._refill(trainer, indices, columns, next_group)
             mask = self.gate.keep_mask(extra_rewards.detach().float().cpu().view(-1, G))  # [m]
             pieces.append(extra)
             masks.append(mask)
