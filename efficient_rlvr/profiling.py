@@ -16,7 +16,13 @@
 - `loss/tokens`: policy-optimization tokens, the completion tokens of the rows that reach the loss (each drawn row
   counts every time it is drawn: cost-aware sampling draws with replacement); `loss/informative_rollouts`: rows
   reaching the loss with a non-zero advantage and at least one completion token (rollouts of groups with non-zero
-  reward variance; inert padding rows and zero-variance groups are not counted); both also as `*_cumulative`.
+  reward variance; inert padding rows and zero-variance groups are not counted); both also as `*_cumulative`;
+- work counts per phase, so that a CPU run can be projected onto a GPU's cost profile (where generation dominates):
+  `work/decode_tokens` (= `rollouts/tokens_generated`), `work/decode_steps` (the longest completion of each
+  generation call: the engine's decode steps when the call's requests are scheduled in one wave, as they are here),
+  `work/logprob_tokens` (prompt + completion tokens of the rows scored by the old / reference log-prob passes) and
+  `work/update_tokens` (prompt + completion tokens of the rows reaching the loss, each forward + backward); their
+  run totals are `PhaseTimer.work`.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ class PhaseTimer:
     """Per-phase wall-clock and generation counters for one trainer (see the module docstring)."""
 
     PHASES = ("generation", "reward", "logprobs", "update")
+    WORK = ("decode_tokens", "decode_steps", "logprob_tokens", "update_tokens")
 
     def __init__(self) -> None:
         self.total: dict[str, float] = defaultdict(float)
@@ -40,6 +47,7 @@ class PhaseTimer:
         self.tokens = 0
         self.loss_tokens = 0
         self.informative_rollouts = 0
+        self.work: dict[str, float] = {key: 0.0 for key in self.WORK}
 
     @classmethod
     def attach(cls, trainer: Any) -> PhaseTimer:
@@ -56,6 +64,7 @@ class PhaseTimer:
                 tokens = mask.sum(dim=1)  # [b]
                 informative = (inputs["advantages"].reshape(tokens.shape[0], -1)[:, 0] != 0) & (tokens > 0)  # [b]
                 timer._step["loss_tokens"] += float(tokens.sum())
+                timer._step["update_tokens"] += float(tokens.sum() + inputs["prompt_mask"].sum())
                 timer._step["informative"] += float(informative.sum())
             return original_loss(model, inputs)
 
@@ -111,6 +120,11 @@ class PhaseTimer:
                 completion_ids = output[0]  # `_generate_single_turn` returns (completion_ids, logprobs)
                 self._step["rollouts"] += len(completion_ids)
                 self._step["tokens"] += sum(len(ids) for ids in completion_ids)
+                self._step["decode_steps"] += max((len(ids) for ids in completion_ids), default=0)
+            if only_in_generation_batch and trainer.model.training:  # (model, input_ids, attention_mask, ...)
+                mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
+                if mask is not None:
+                    self._step["logprob_tokens"] += float(mask.sum())
             return output
 
         setattr(trainer, name, timed)
@@ -132,4 +146,8 @@ class PhaseTimer:
         metrics["loss/informative_rollouts"].append(self._step["informative"])
         metrics["loss/tokens_cumulative"].append(float(self.loss_tokens))
         metrics["loss/informative_rollouts_cumulative"].append(float(self.informative_rollouts))
+        self._step["decode_tokens"] = self._step["tokens"]
+        for key in self.WORK:
+            self.work[key] += self._step[key]
+            metrics[f"work/{key}"].append(self._step[key])
         self._step.clear()

@@ -1,8 +1,11 @@
-"""The benchmark's arithmetic: flag resolution, time-to-target, medians over seeds, the table and the README block.
+"""The benchmark's arithmetic: flag resolution, smoothing, levels, paired speedups, bootstrap intervals, the GPU
+projection, the resolution check, the tables and the README block.
 
 The training runs themselves are `make bench`'s job (minutes per run); here the figures are computed from
 hand-made run summaries whose answers are known.
 """
+
+import math
 
 import pytest
 
@@ -11,26 +14,30 @@ from efficient_rlvr import bench
 RECIPE = "examples/recipes/default.yaml"
 
 
-def test_resolve_flags_scales_the_batch_and_expands_the_preset():
-    flags = bench.resolve_flags(RECIPE, bench.SETTINGS["generation_heavy"] + bench.VARIANTS["cost_aware"])
-    # 128 x 0.25 = 32 rows per device; 70% of 32 x 2 accumulation steps = 45 draws (the scaled batch)
-    assert flags[:2] == ["--per_device_train_batch_size", "32"]
-    assert flags[flags.index("--cost_num_draws") + 1] == "45"
-    v05 = bench.resolve_flags(RECIPE, bench.SETTINGS["generation_heavy"] + bench.VARIANTS["v05"])
-    sizes = [v05[i + 1] for i, f in enumerate(v05) if f == "--per_device_train_batch_size"]
-    assert sizes == ["32", "16"]  # the variant's half applies to the setting's quarter; the last flag wins
+def test_resolve_flags_expands_fractions_and_the_preset():
+    flags = bench.resolve_flags(RECIPE, bench.VARIANTS["cost_aware"])
+    # 70% of 128 rows x 2 accumulation steps = 179 draws
+    assert flags[flags.index("--cost_num_draws") + 1] == "179"
+    v05 = bench.resolve_flags(RECIPE, bench.VARIANTS["v05"])
+    assert v05[v05.index("--per_device_train_batch_size") + 1] == "64"
     full = bench.resolve_flags(RECIPE, bench.VARIANTS["efficient"])
     pairs = dict(zip(full[::2], full[1::2], strict=True))
     assert pairs["--pruning"] == "true" and pairs["--selection_history"] == "true"
     assert "--model_name_or_path" not in pairs  # keys equal to the recipe's are not repeated
 
 
-def test_same_time_variant_scales_the_step_budget():
-    flags = bench.resolve_flags(RECIPE, bench.VARIANTS["efficient_same_time"]) + ["--max_steps", "25"]
-    scaled = bench._scale_steps(flags)
-    assert "--max_steps_scale" not in scaled
-    assert scaled[scaled.index("--max_steps") + 1] == "45"
-    assert bench._scale_steps(["--max_steps", "25"]) == ["--max_steps", "25"]
+def test_faster_variants_run_more_steps_to_cover_vanillas_wall_clock():
+    _, cmd = bench.run_command(RECIPE, "efficient", 3, "/tmp/x", ["--max_steps", "150"])
+    assert "--max_steps_scale" not in cmd
+    assert cmd[cmd.index("--max_steps") + 1] == "270"
+    assert cmd[cmd.index("--seed") + 1] == "3"
+    _, vanilla = bench.run_command(RECIPE, "trl", 3, "/tmp/x", ["--max_steps", "150"])
+    assert vanilla[vanilla.index("--max_steps") + 1] == "150"
+
+
+def test_plan_runs_whole_seeds_first_and_method_rows_on_their_seeds():
+    plan = bench.plan_runs([0, 1], ["trl", "skip"], ["greso", "skip"], [0])
+    assert plan == [("trl", 0), ("skip", 0), ("greso", 0), ("trl", 1), ("skip", 1)]
 
 
 @pytest.mark.parametrize(
@@ -46,61 +53,148 @@ def test_first_crossing(curve, target, expected):
     assert bench.first_crossing(curve, target) == expected
 
 
-def test_median_time_counts_unreached_runs_as_slowest():
-    assert bench._median_time([10.0, None, 30.0]) == 30.0
-    assert bench._median_time([None, None, 30.0]) is None
-    assert bench._median_time([10.0, 20.0]) == 15.0
+def test_value_at_interpolates_and_is_unknown_past_the_end():
+    curve = [(0, 0.3), (10, 0.5), (20, 0.4)]
+    assert bench.value_at(curve, 5) == pytest.approx(0.4)
+    assert bench.value_at(curve, 15) == pytest.approx(0.45)
+    assert bench.value_at(curve, 20) == pytest.approx(0.4)
+    assert bench.value_at(curve, 21) is None
 
 
-def _run(variant, seed, final, curve, seconds=100.0, rollouts=1000):
+def test_smoothing_is_a_centred_window_that_keeps_the_starting_point():
+    assert bench.smooth([0.3, 0.4, 0.6, 0.5, 0.7], 3) == pytest.approx([0.3, 0.5, 0.5, 0.6, 0.6])
+    assert bench.smooth([0.3, 0.4, 0.6], 1) == [0.3, 0.4, 0.6]
+    # the window never reaches back to the pre-training point
+    assert bench.smooth([0.0, 1.0, 1.0], 3)[1] == pytest.approx(1.0)
+
+
+def test_duplicate_final_evaluation_is_dropped():
+    run = {"eval_curve": [(0.0, 0, 0.3), (10.0, 10, 0.4), (20.0, 20, 0.5), (20.1, 20, 0.5)]}
+    assert bench.held_out_points(run) == [(0.0, 0, 0.3), (10.0, 10, 0.4), (20.0, 20, 0.5)]
+
+
+def test_bootstrap_interval_brackets_the_median_and_is_degenerate_for_equal_values():
+    values = [1.0, 1.2, 1.4, 1.6, 1.8]
+    low, high = bench.bootstrap_interval(values)
+    assert low <= 1.4 <= high and low >= 1.0 and high <= 1.8
+    assert bench.bootstrap_interval([2.0, 2.0, 2.0]) == [2.0, 2.0]
+    assert bench.bootstrap_interval([]) is None
+
+
+def test_speedup_edge_cases():
+    assert bench.speedup(100.0, 50.0) == 2.0
+    assert bench.speedup(100.0, None) == 0.0  # the variant never got there
+    assert bench.speedup(100.0, 0.0) == math.inf  # it started there
+    assert bench.speedup(None, 10.0) is None
+
+
+def _run(variant, seed, accuracies, seconds=100.0, rollouts=1000, work=None, steps=10):
+    """A run evaluated at equal intervals over `seconds` and `steps`, with `accuracies` as its held-out curve."""
+    n = len(accuracies) - 1
+    curve = [(seconds * i / n, steps * i // n, a) for i, a in enumerate(accuracies)]
     records = [
-        {"wall_time": t, "step": i, "reward": 0.5, "rollouts/cumulative": rollouts * t / seconds}
-        for i, t in enumerate([seconds / 4, seconds / 2, seconds])
+        {
+            "wall_time": seconds * (i + 1) / steps,
+            "step": i + 1,
+            "reward": 0.5,
+            "rollouts/cumulative": rollouts * (i + 1),
+        }
+        for i in range(steps)
     ]
     return {
-        "setting": "default",
         "variant": variant,
         "seed": seed,
-        "steps": 3,
+        "steps": steps,
         "train_seconds": seconds,
-        "seconds_per_step": seconds / 3,
+        "seconds_per_step": seconds / steps,
         "phase_seconds": {"generation": 30.0, "logprobs": 10.0, "update": 60.0},
-        "rollouts_generated": rollouts,
+        "work": work
+        or {"decode_tokens": 1000.0, "decode_steps": 100.0, "logprob_tokens": 500.0, "update_tokens": 2000.0},
+        "rollouts_generated": rollouts * steps,
         "tokens_generated": 10 * rollouts,
         "loss_tokens": 5 * rollouts,
         "informative_rollouts": rollouts / 2,
-        "eval_before": {"accuracy": curve[0][1]},
-        "eval_after": {"accuracy": final},
-        "eval_curve": [(t, i, a) for i, (t, a) in enumerate(curve)],
+        "eval_before": {"accuracy": accuracies[0]},
+        "eval_after": {"accuracy": accuracies[-1]},
+        "eval_curve": curve,
         "records": records,
     }
 
 
-def test_aggregate_speedup_and_rollouts_against_vanilla():
+VANILLA = [0.30, 0.40, 0.50, 0.60, 0.70]  # smoothed: 0.30, 0.45, 0.50, 0.60, 0.65 (gain 0.35)
+
+
+def test_levels_come_from_vanillas_smoothed_gain():
+    levels = bench.levels_of(bench.summarize(_run("trl", 0, VANILLA)))
+    assert levels == pytest.approx({0.5: 0.475, 0.75: 0.5625, 1.0: 0.65})
+
+
+def test_paired_speedup_rollouts_and_accuracy_differences():
+    vanilla = bench.summarize(_run("trl", 0, VANILLA))
+    # vanilla's curve, then 100 s more: smoothing at 100 s now sees the next point (0.75), so the smoothed curve is
+    # 0.60 at 75 s and (0.6 + 0.7 + 0.75) / 3 = 0.6833 at 100 s: it reaches 0.65 at 75 + 25 * 0.05 / 0.0833 = 90 s
+    fast = bench.summarize(_run("fast", 0, VANILLA + [0.75, 0.75, 0.75, 0.75], seconds=200.0, steps=20))
+    p = bench.paired(fast, vanilla, None)
+    assert p["speedup"][1.0] == pytest.approx(100.0 / 90.0)
+    assert p["accuracy_diff_equal_time"] == pytest.approx((0.6 + 0.7 + 0.75) / 3 - 0.65)
+    assert p["accuracy_diff_equal_steps"] == pytest.approx((0.6 + 0.7 + 0.75) / 3 - 0.65)  # step 10 is its 100 s point too
+    half = bench.summarize(_run("half", 0, VANILLA, seconds=50.0))
+    q = bench.paired(half, vanilla, None)
+    assert q["speedup"] == pytest.approx({0.5: 2.0, 0.75: 2.0, 1.0: 2.0})
+    assert q["step_time_ratio"] == pytest.approx(2.0)
+    assert q["accuracy_diff_equal_steps"] == pytest.approx(0.0)
+    assert q["accuracy_diff_equal_time"] is None  # it ended before vanilla's wall-clock
+    assert q["rollouts_to_target_vs_vanilla"] == pytest.approx(1.0)  # same rollouts per step, same steps
+    never = bench.summarize(_run("never", 0, [0.30, 0.31, 0.32, 0.33, 0.34]))
+    assert bench.paired(never, vanilla, None)["speedup"][0.5] == 0.0
+
+
+def test_gpu_projection_weights_work_ratios_by_the_published_phase_shares():
+    vanilla = bench.summarize(_run("trl", 0, VANILLA))
+    half_decode = bench.summarize(
+        _run(
+            "v",
+            0,
+            VANILLA,
+            work={"decode_tokens": 500.0, "decode_steps": 50.0, "logprob_tokens": 500.0, "update_tokens": 1000.0},
+        )
+    )
+    total = sum(bench.GPU_PHASE_SECONDS.values())
+    g, lp, u = (bench.GPU_PHASE_SECONDS[k] / total for k in ("generation", "logprobs", "update"))
+    expected = 0.5 * g + 1.0 * lp + 0.5 * u
+    assert bench.projected_step_ratio(half_decode, vanilla) == pytest.approx(expected)
+    p = bench.paired(half_decode, vanilla, None)
+    assert p["projected_speedup"][1.0] == pytest.approx(1.0 / expected)  # same steps to the level
+    assert bench.projected_step_ratio(bench.summarize({**_run("old", 0, VANILLA), "work": None}), vanilla) is None
+
+
+def _record(speedups):
+    """Runs where `skip` reaches vanilla's levels `speedups[seed]` times sooner with equally faster steps."""
     runs = []
-    for seed, final in enumerate([0.44, 0.45, 0.46]):
-        runs.append(_run("trl", seed, final, [(0, 0.35), (50, 0.40), (100, final)]))
-        # twice as fast: reaches 0.45 at 50 s with half the rollouts per second
-        runs.append(_run("fast", seed, 0.50, [(0, 0.35), (25, 0.40), (50, 0.45), (100, 0.50)], rollouts=500))
-    results = [bench.summarize(r) for r in runs]
-    rows = {r["variant"]: r for r in bench.aggregate(results)}
-    assert rows["trl"]["target_accuracy"] == pytest.approx(0.45)
-    # vanilla reaches 0.45 at 100 s for seeds 1-2 (not at all for seed 0): median 100 s
-    assert rows["trl"]["time_to_target"] == pytest.approx(100.0)
-    assert rows["fast"]["time_to_target"] == pytest.approx(50.0)
-    assert rows["fast"]["speedup"] == pytest.approx(2.0)
-    assert rows["fast"]["rollouts_vs_vanilla"] == pytest.approx(0.5)
-    # vanilla's rollouts to 0.45: seed 1 at 100 s (1000), seed 2 at 91.7 s (917; 0.46 final), seed 0 never
-    vanilla_rollouts = (1000 + 1000 * (50 + 50 * 0.05 / 0.06) / 100) / 2
-    assert rows["fast"]["rollouts_to_target_vs_vanilla"] == pytest.approx(250 / vanilla_rollouts)
-    assert rows["fast"]["final_accuracy"] == pytest.approx(0.50)
-    assert rows["fast"]["informative_per_second"] == pytest.approx(2.5)
-    assert rows["fast"]["loss_tokens_per_informative"] == pytest.approx(10.0)
-    low, high = rows["fast"]["speedup_interval90"]
-    assert low <= 2.0 <= high
-    table = bench.markdown_table(list(rows.values()), [0, 1, 2], 3)
-    assert "| default | fast | 50 s | 2.00x" in table
-    assert table.count("\n| default |") == 2
+    for seed, s in enumerate(speedups):
+        runs.append(_run("trl", seed, VANILLA))
+        runs.append(_run("skip", seed, VANILLA, seconds=100.0 / s))
+        runs.append(_run(bench.DAPO, seed, VANILLA, rollouts=2000))
+    return [bench.summarize(r) for r in runs]
+
+
+def test_aggregate_and_resolution_check_pass_when_skip_resolves():
+    rows = bench.aggregate(_record([1.3, 1.25, 1.35, 1.3, 1.28]))
+    skip = next(r for r in rows if r["variant"] == "skip")
+    assert skip["speedup"][1.0]["median"] == pytest.approx(1.3)
+    assert skip["rollouts_to_target_vs_dapo"] == pytest.approx(0.5)
+    check = bench.resolution_check(rows)
+    assert check["passed"] and check["excludes_1"] and check["agrees_with_step_time_ratio"]
+    assert check["smallest_resolved_speedup"] == pytest.approx(1.3 / check["interval90"][0])
+    table = bench.markdown_table(rows, {"description": "test."}, check)
+    assert "| skip | 5 |" in table and "Resolution check (passed)" in table
+
+
+def test_resolution_check_fails_when_the_interval_holds_1():
+    runs = _record([1.3, 0.8, 1.5, 0.9, 1.2])
+    # step times stay 1.2x faster whatever the curve did: the measured speedups scatter around it
+    check = bench.resolution_check(bench.aggregate(runs))
+    assert not check["passed"] and not check["excludes_1"]
 
 
 def test_update_readme_replaces_only_the_block(tmp_path):
@@ -116,3 +210,40 @@ def test_update_readme_replaces_only_the_block(tmp_path):
 def test_unknown_variant_is_refused_before_any_run():
     with pytest.raises(SystemExit, match="unknown"):
         bench.main(["--variants", "trl,warp_speed", "--output_dir", "/nonexistent"])
+    with pytest.raises(SystemExit, match="must include trl"):
+        bench.main(["--variants", "skip", "--output_dir", "/nonexistent"])
+
+
+def test_report_only_writes_a_partial_record_from_finished_runs(tmp_path):
+    import json
+
+    out = tmp_path / "bench"
+    for seed in (0,):
+        for variant, seconds in (("trl", 100.0), ("skip", 80.0)):
+            run_dir, cmd = bench.run_command(RECIPE, variant, seed, str(out), _extra())
+            (tmp_path / run_dir).mkdir(parents=True, exist_ok=True)
+            run = _run(variant, seed, VANILLA, seconds=seconds)
+            records = run.pop("records")
+            (tmp_path / run_dir / "summary.json").write_text(json.dumps(run))
+            (tmp_path / run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+            (tmp_path / run_dir / "command.json").write_text(json.dumps(cmd[1:]))
+    record = bench.main(
+        [
+            "--report_only",
+            "--seeds",
+            "0,1",
+            "--variants",
+            "trl,skip",
+            "--method_variants",
+            "",
+            "--output_dir",
+            str(out),
+        ]
+    )
+    assert record["finished_runs"] == 2 and record["planned_runs"] == 4
+    assert (out / "accuracy_vs_time.png").exists() and (out / "bench.md").exists()
+    assert "partial record" in (out / "bench.md").read_text()
+
+
+def _extra():
+    return ["--max_steps", "150", "--eval_every_steps", "10", "--torch_threads", "1"]

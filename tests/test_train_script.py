@@ -59,6 +59,13 @@ def test_accelerate_launch_default_recipe_writes_model_metrics_and_plot(tmp_path
     assert len(step_records) == 2
     assert all(r["time/generation"] > 0 and r["time/update"] > 0 for r in step_records)
     assert step_records[-1]["sampling/sampling_logp_difference/max"] < 1e-4  # vLLM synced, float32
+    # work counts per phase (the benchmark's GPU projection reads them)
+    work = summary["work"]
+    assert work["decode_tokens"] == summary["tokens_generated"] > 0
+    assert 0 < work["decode_steps"] <= 2 * 48  # the longest completion of each of 2 generation calls, <= max length
+    assert work["logprob_tokens"] > work["decode_tokens"]  # old log-probs (vLLM IS correction): prompt + completion
+    assert work["update_tokens"] > summary["loss_tokens"]  # the loss forward sees prompt + completion tokens
+    assert sum(r["work/decode_tokens"] for r in step_records) == work["decode_tokens"]
 
 
 @pytest.mark.parametrize(
