@@ -9,9 +9,12 @@ backward cost shrink with them, while every shape TRL relies on stays valid:
 - batches from several generation calls (refills, "rollout more" rounds) are stacked with `concat_batches`:
   every `[N, T]` entry is padded to the widest batch on the side TRL pads it: prompts (`prompt_ids`,
   `prompt_mask`) on the left, completion-aligned entries (`completion_ids`, `completion_mask`, per-token log-probs,
-  token-level importance ratios, `tool_mask`) on the right, with `pad_token_id` for token ids, 1 for `tool_mask` (as
-  TRL pads it) and 0 otherwise, so no TRL loss reads a padded position; `num_items_in_batch` (each batch's global
-  completion-token count) is summed;
+  token-level importance ratios, `tool_mask`) on the right, each with its neutral value (`PAD_ONE_KEYS`):
+  `pad_token_id` for token ids; 1 for `tool_mask` (as TRL pads it) and for a per-token `importance_sampling_ratio`
+  (TRL's own value at padded positions is exp(0) = 1, and vespo sums log(ratio) over every column of a row, masked
+  or not, so a 0 there would zero the row's gamma weight and its gradient); 0 otherwise (masks, log-probs and
+  per-token advantages, which TRL only reads under the loss mask), so no TRL loss changes for a padded position;
+  `num_items_in_batch` (each batch's global completion-token count) is summed;
 - every process keeps the same number of rows, at least `min_rows` (pass `steps_per_generation`, so each
   gradient-accumulation micro step has a row): TRL's loss all-gathers per-sequence metrics, which needs equal row
   counts on every process. Processes with fewer surviving rows are filled up with inert padding rows (completion
@@ -134,6 +137,8 @@ def split_rows(batch: dict[str, Any], num_chunks: int) -> list[dict[str, Any]]:
 
 LEFT_PADDED = ("prompt_ids", "prompt_mask")
 TOKEN_ID_KEYS = ("prompt_ids", "completion_ids")
+# Per-token entries whose neutral padding value is 1 (every other non-token-id entry is padded with 0).
+PAD_ONE_KEYS = ("tool_mask", "importance_sampling_ratio")
 
 
 def _pad_width(value: torch.Tensor, width: int, left: bool, fill: float) -> torch.Tensor:
@@ -181,7 +186,7 @@ def concat_batches(
                 out[key] = torch.cat(values, dim=0)
             else:
                 width = max(v.shape[1] for v in values)
-                fill = pad_token_id if key in TOKEN_ID_KEYS else (1 if key == "tool_mask" else 0)
+                fill = pad_token_id if key in TOKEN_ID_KEYS else (1 if key in PAD_ONE_KEYS else 0)
                 left = key in LEFT_PADDED
                 out[key] = torch.cat([_pad_width(v, width, left, fill) for v in values], dim=0)
         elif not any(per_row) and all(_same(values[0], v) for v in values[1:]):

@@ -54,3 +54,41 @@ def test_split_rows_sizes_differ_by_at_most_one_and_cover_every_row():
 def test_index_rows_allows_repeats():
     out = index_rows(_batch(), torch.tensor([4, 4, 0]))
     assert out["tags"] == ["row4", "row4", "row0"]
+
+
+def test_concat_batches_pads_each_per_token_entry_with_its_neutral_value():
+    """Completion-aligned entries are right-padded: masks, log-probs with 0, `tool_mask` and a per-token
+    `importance_sampling_ratio` with 1 (TRL's value at padded positions; vespo sums log(ratio) over every column),
+    token ids with the pad id; a sequence-level ratio `[N, 1]` is not padded."""
+    from efficient_rlvr.batch import concat_batches
+
+    def part(n: int, width: int, seed: int) -> dict:
+        gen = torch.Generator().manual_seed(seed)
+        return {
+            "prompt_ids": torch.ones(n, 2, dtype=torch.long),
+            "prompt_mask": torch.ones(n, 2, dtype=torch.long),
+            "completion_ids": torch.full((n, width), 5),
+            "completion_mask": torch.ones(n, width, dtype=torch.long),
+            "old_per_token_logps": -torch.rand(n, width, generator=gen),
+            "importance_sampling_ratio": 0.5 + torch.rand(n, width, generator=gen),
+            "tool_mask": torch.ones(n, width, dtype=torch.long),
+            "advantages": torch.randn(n, generator=gen),
+            "num_items_in_batch": torch.tensor(n * width),
+        }
+
+    a, b = part(2, 3, 0), part(3, 5, 1)
+    out = concat_batches([a, b], pad_token_id=9)
+    pad = (slice(0, 2), slice(3, 5))
+    assert torch.equal(out["importance_sampling_ratio"][pad], torch.ones(2, 2))
+    assert torch.equal(out["tool_mask"][pad], torch.ones(2, 2, dtype=torch.long))
+    assert torch.equal(out["completion_mask"][pad], torch.zeros(2, 2, dtype=torch.long))
+    assert torch.equal(out["old_per_token_logps"][pad], torch.zeros(2, 2))
+    assert torch.equal(out["completion_ids"][pad], torch.full((2, 2), 9))
+    torch.testing.assert_close(out["importance_sampling_ratio"][:2, :3], a["importance_sampling_ratio"])
+    assert int(out["num_items_in_batch"]) == 6 + 15
+    seq = concat_batches(
+        [{**a, "importance_sampling_ratio": torch.rand(2, 1)}, {**b, "importance_sampling_ratio": torch.rand(3, 1)}],
+        pad_token_id=9,
+        sequence_level_keys=("importance_sampling_ratio",),
+    )
+    assert seq["importance_sampling_ratio"].shape == (5, 1)

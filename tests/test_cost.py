@@ -70,11 +70,14 @@ def test_eps_counts_tiny_advantages_as_zero():
     cost = torch.ones(3)
     assert CostAwareSampler(eps=1e-6).probabilities(adv, cost)[0].item() == 0.0
     assert CostAwareSampler(eps=0.0).probabilities(adv, cost)[0].item() > 0.0
-    # float32 round-off of a zero-variance group of non-binary rewards after GRPO's std normalisation
+    # float32 round-off of a zero-variance group of non-binary rewards after GRPO's std normalisation: the default
+    # (eps = 0, only exact zeros get p = 0) draws it rarely, a threshold can exclude it
     rewards = torch.tensor([[0.7] * 8, [1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0]])
     grpo_adv = (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)
     assert 0 < grpo_adv[0].abs().max() < 1e-3
     p = CostAwareSampler().probabilities(grpo_adv.reshape(-1), torch.ones(16))
+    assert (p[:8] > 0).all() and p[:8].sum().item() < 1e-3
+    p = CostAwareSampler(eps=1e-3).probabilities(grpo_adv.reshape(-1), torch.ones(16))
     assert (p[:8] == 0).all() and p[8:].sum().item() == pytest.approx(1.0)
 
 
@@ -93,19 +96,19 @@ def test_all_zero_advantages_fall_back_to_uniform():
 
 
 def test_weights_raw_and_recentred():
-    adv = torch.tensor([2.0, 1.0, 1.0, 0.5])
-    cost = torch.tensor([4.0, 1.0, 9.0, 1.0])
+    adv = torch.tensor([2.0, 1.0, 0.0, 1.0, 0.5])
+    cost = torch.tensor([4.0, 1.0, 4.0, 9.0, 1.0])
     raw_sampler = CostAwareSampler(seed=11, recenter=False)
     rec_sampler = CostAwareSampler(seed=11, recenter=True)
     p = raw_sampler.probabilities(adv, cost).double()
     idx_raw, w_raw = raw_sampler.draw(adv, cost, num_draws=64)
     idx_rec, w_rec = rec_sampler.draw(adv, cost, num_draws=64)
     assert torch.equal(idx_raw, idx_rec)  # same generator state -> same draws
-    torch.testing.assert_close(w_raw.double(), 1.0 / (4 * p[idx_raw]), rtol=1e-6, atol=0)
-    assert w_rec.mean().item() == pytest.approx(1.0, abs=1e-6)
-    # re-centring multiplies every weight of the batch by one number
-    ratio = w_rec.double() / w_raw.double()
-    torch.testing.assert_close(ratio, torch.full_like(ratio, 1.0 / w_raw.double().mean().item()), rtol=1e-6, atol=0)
+    torch.testing.assert_close(w_raw.double(), 1.0 / (5 * p[idx_raw]), rtol=1e-6, atol=0)
+    # re-centring divides by the expected raw weight N_+ / N = 4 / 5, a constant: never by the draws' own mean
+    torch.testing.assert_close(w_rec.double(), 1.0 / (4 * p[idx_raw]), rtol=1e-6, atol=0)
+    assert w_rec.mean().item() != pytest.approx(1.0, abs=1e-3)
+    assert rec_sampler.support_size(adv, cost) == 4 and rec_sampler.metrics()["cost/support_rows"] == 4.0
     # metrics report the raw weights in both cases
     assert rec_sampler.metrics()["cost/weight_max"] == pytest.approx(w_raw.max().item(), rel=1e-6)
     assert rec_sampler.metrics()["cost/weight_mean"] == pytest.approx(w_raw.mean().item(), rel=1e-6)
@@ -609,7 +612,8 @@ def test_bnpo_micro_batch_token_count_is_biased_under_sampling():
     assert z_scores.max() > 5.0
 
 
-def test_recentred_weights_only_rescale_the_gradient():
+def test_recentred_weights_rescale_the_gradient_by_a_constant():
+    """N = 12 rollouts, one zero-variance group (N_+ = 8): re-centring multiplies every draw's gradient by N / N_+."""
     model, per_token_loss, mask, adv, costs = _tiny_policy_problem()
     raw_sampler = CostAwareSampler(seed=4, recenter=False)
     rec_sampler = CostAwareSampler(seed=4, recenter=True)
@@ -620,8 +624,7 @@ def test_recentred_weights_only_rescale_the_gradient():
         z = policy_loss_normalizer("dapo", mask[idx], num_items_in_batch=mask.sum())
         g_raw = _flat_grad(model, weighted_policy_loss(per_token_loss(idx, 0.0), mask[idx], w_raw, "dapo", z))
         g_rec = _flat_grad(model, weighted_policy_loss(per_token_loss(idx, 0.0), mask[idx], w_rec, "dapo", z))
-        scale = 1.0 / w_raw.double().mean()
-        torch.testing.assert_close(g_rec, g_raw * scale, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(g_rec, g_raw * 12 / 8, rtol=1e-5, atol=1e-8)
 
 
 # ------------------------------------------------------------------------------- paper section 4.4: least squares

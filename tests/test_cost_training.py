@@ -135,8 +135,8 @@ def test_identity_draw_gives_trls_gradient(loss_setup, loss_type):
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo"])
 def test_sampled_micro_batches_weight_each_rollout(loss_setup, loss_type):
     """A real draw (M = 13 of 32 rows: repeats, micro-batches of 6 and 7 rows, 4 inert rows) gives exactly the gradient
-    of TRL's loss on the full, unsampled batch with A_i multiplied by c_i = (N_eff / M) sum_{draws j of row i} v_j
-    (v: re-centred importance weights). For bnpo the target is TRL's dapo normaliser (weighting.py: the sampled bnpo
+    of TRL's loss on the full, unsampled batch with A_i multiplied by c_i = (N_+ / M) sum_{draws j of row i} v_j
+    (v = 1 / (N_+ p): importance weights re-centred by a constant; N_+ = 28 rows with p > 0). For bnpo the target is TRL's dapo normaliser (weighting.py: the sampled bnpo
     objective is the full batch's token mean, not the micro-batch's)."""
     from trl import GRPOTrainer
 
@@ -156,7 +156,13 @@ def test_sampled_micro_batches_weight_each_rollout(loss_setup, loss_type):
         rows, v = draw["rows"], draw["weights"]
         assert rows.numel() == 13 and not torch.isin(rows, inert).any()  # inert rows have p = 0
         assert rows.unique().numel() < 13  # this seed draws a row twice: repeats are covered
-        assert v.mean().item() == pytest.approx(1.0)
+        live = torch.ones(32, dtype=torch.bool)
+        live[inert] = False
+        costs = rollout_costs(batch["prompt_mask"], batch["completion_mask"])
+        p = torch.zeros(32, dtype=torch.float64)
+        p[live] = stage.sampler.probabilities(batch["advantages"][live], costs[live]).double()
+        assert draw["support_rows"] == 28
+        torch.testing.assert_close(v, 1.0 / (28 * p[rows]), rtol=1e-5, atol=0)  # a constant re-centring
         assert sorted(c["completion_ids"].shape[0] for c in chunks) == [6, 7]
         sizes = [c["advantages"].numel() for c in chunks]
         for chunk, local in zip(chunks, torch.split(draw["local_rows"], sizes), strict=True):

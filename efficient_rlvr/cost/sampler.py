@@ -14,20 +14,32 @@ term is multiplied by the importance weight
     w_i = 1 / (N p_i),
 
 so that E_p[w_i l_i] = (1/N) sum_i l_i: the sampled, weighted objective is an unbiased estimate of the full-batch
-mean. Rollouts with A_i = 0 (every rollout of a zero-variance group) get p_i = 0 unless smoothed, so they are never
-trained on: their policy-gradient term is exactly zero anyway (see `weighting.py` for the KL / entropy terms).
+mean. Rollouts with A_i = 0 exactly (every rollout of a zero-variance group) get p_i = 0 unless smoothed, so they are
+never trained on: their policy-gradient term is exactly zero anyway (see `weighting.py` for the KL / entropy terms).
 
-Re-centring (paper appendix G.2): the returned weights are divided by their mean over the M draws so that they average
-1. Within one draw this multiplies every weight, hence the whole minibatch objective, by the same number; the paper
-calls it a constant rescaling. Strictly, that number varies from draw to draw, which makes the re-centred estimator a
-self-normalised (ratio) importance-sampling estimator: consistent, with an O(1/M) bias. `recenter=False` returns the
-raw, exactly unbiased weights; `metrics()` always reports the raw ones.
+Re-centring (paper appendix G.2, corrected; SPEC 3 "Correction"). The paper divides the weights by their mean over
+the M draws so that they average 1 and calls this a constant rescaling. It is not one when the pool still holds
+A = 0 rows: the raw weights average N_+ / N there (N_+ = rows with p_i > 0), so dividing by their mean multiplies the
+objective by about N / N_+ (1.4x at 30% zero-advantage rows, 2.5x at 60%: a learning-rate change that varies every
+step); and even with N_+ = N the draw-dependent divisor makes a ratio estimator, biased by O(1/M). So `recenter=True`
+divides by a constant only, the *expected* raw weight E_p[1 / (N p_i)] = N_+ / N:
 
-Deviations and choices (ours, documented): advantages with |A_i| <= `eps` count as zero. Default 1e-3: with
-non-binary rewards a zero-variance group is not exactly zero after GRPO's normalisation (float32: a group of 8 rewards
-all 0.7 gives std ~6e-8 and (r - mean) / (std + 1e-4) ~ 6e-4), and such rollouts would otherwise be drawn rarely with
-huge weights; a genuine advantage that small only matters with unscaled continuous rewards (lower `eps` then). If
-every advantage is zero, the target distribution p* is undefined and the sampler falls back to uniform sampling
+    w_i = 1 / (N_+ p_i),        E_p[w_i] = 1,        E_p[w_i l_i] = (1/N_+) sum_{p_j > 0} l_j,
+
+an exact, unbiased estimate of the mean over the N_+ drawable rows. Its target is the full-batch mean times N / N_+
+when the undrawable rows' terms are zero (alpha = 0: A = 0, policy term 0), so a caller that needs the full-batch mean
+multiplies by N_+ / N (the stage folds N_+ into its loss multiplier, keeping TRL's full-batch normaliser; see
+stage.py), or uses `recenter=False`: the raw weights 1 / (N p_i), unbiased for the full-batch mean directly. With
+alpha > 0 or no zero advantages N_+ = N and both coincide. `metrics()` reports the raw weights and N_+
+(`cost/support_rows`).
+
+Deviations and choices (ours, documented): only exact zeros count as zero by default (`eps=0`): a small continuous
+advantage (graded rewards, `scale_rewards="none"`) is a real gradient term, and with p_i ~ |A_i| its drawn,
+weighted term has the same size as any other, so treating it as zero would bias the estimate (an earlier default of
+1e-3 did). The float32 round-off of a zero-variance group of non-binary rewards (a group of 8 rewards all 0.7 can give
+|A| ~6e-4 after GRPO's normalisation) is then drawn, rarely, with a large weight: an unbiased estimate of what the
+full batch trains on too. `eps > 0` remains available.
+If every advantage is zero, the target distribution p* is undefined and the sampler falls back to uniform sampling
 (reported as `cost/uniform_fallback` = 1). The sampler owns a CPU `torch.Generator`; probabilities are computed in
 float64 on the CPU, so every process that is given the same global advantages and costs draws the same indices, and
 `state_dict()` / `load_state_dict()` make the next draws repeat after a resume.
@@ -92,9 +104,10 @@ class CostAwareSampler:
         alpha: smoothing towards uniform, in [0, 1]; 0 is the paper's main method, 1 is uniform sampling.
         num_draws: default number of draws M per `draw()` call (None: M = N, the number of rollouts given).
         seed: seed of the sampler's own CPU `torch.Generator`.
-        eps: advantages with |A| <= eps count as zero (>= 0; see the module docstring for the default 1e-3).
-        recenter: divide the returned weights by their mean over the draws (SPEC / paper default). Metrics always
-            report the raw weights.
+        eps: advantages with |A| <= eps count as zero (>= 0; default 0: only exact zeros, see the module docstring).
+        recenter: divide the raw weights 1 / (N p_i) by their expected value N_+ / N (a constant of the step, never
+            the draws' own mean), giving 1 / (N_+ p_i); see the module docstring. Metrics always report the raw
+            weights.
 
     Use `probabilities()` to inspect the distribution, `draw()` once per policy-gradient phase (or per minibatch),
     `metrics()` for logging under `cost/`, `state_dict()` / `load_state_dict()` for checkpoints.
@@ -105,7 +118,7 @@ class CostAwareSampler:
         alpha: float = 0.0,
         num_draws: int | None = None,
         seed: int = 0,
-        eps: float = 1e-3,
+        eps: float = 0.0,
         recenter: bool = True,
     ) -> None:
         if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0.0 <= float(alpha) <= 1.0:
@@ -180,6 +193,12 @@ class CostAwareSampler:
         device = advantages.device if isinstance(advantages, torch.Tensor) else torch.device("cpu")
         return p.to(device=device, dtype=torch.float32)
 
+    def support_size(self, advantages: torch.Tensor, costs: torch.Tensor) -> int:
+        """N_+: the number of rollouts with p_i > 0 (float64, so no tiny p underflows); `recenter` divides by N_+ / N."""
+        adv, cost = self._validated(advantages, costs)
+        p, _, _ = self._probabilities64(adv, cost)
+        return int((p > 0).sum())
+
     # ------------------------------------------------------------------ sampling
     def draw(
         self, advantages: torch.Tensor, costs: torch.Tensor, num_draws: int | None = None
@@ -193,7 +212,7 @@ class CostAwareSampler:
 
         Returns:
             indices `[M]` (long) and weights `[M]` (float32), both on `advantages`' device. weights = 1 / (N p_i),
-            divided by their mean when `recenter=True`.
+            or 1 / (N_+ p_i) when `recenter=True` (N_+ = rows with p_i > 0; module docstring).
         """
         adv, cost = self._validated(advantages, costs)
         n = adv.numel()
@@ -203,7 +222,8 @@ class CostAwareSampler:
         p, zero, fallback = self._probabilities64(adv, cost)
         indices = torch.multinomial(p, m, replacement=True, generator=self._generator)  # [M]
         raw = 1.0 / (n * p[indices])  # [M] float64, finite: drawn rows have p > 0
-        weights = raw / raw.mean() if self.recenter else raw
+        support = int((p > 0).sum())  # N_+; E_p[raw] = N_+ / N exactly
+        weights = raw * (n / support) if self.recenter else raw  # a constant factor, never the draws' own mean
 
         used = float(cost[indices].sum().item())
         full = float(cost.sum().item())
@@ -222,6 +242,7 @@ class CostAwareSampler:
             "ess": float((raw.sum() ** 2 / (raw**2).sum()).item()),
             "ess_frac": float((raw.sum() ** 2 / (raw**2).sum()).item()) / m,
             "zero_adv_frac": float(zero.double().mean().item()),
+            "support_rows": float(support),
             "uniform_fallback": 1.0 if fallback else 0.0,
         }
         device = advantages.device if isinstance(advantages, torch.Tensor) else torch.device("cpu")
@@ -234,7 +255,8 @@ class CostAwareSampler:
         `policy_tokens`: sum of the drawn rollouts' costs (repeats counted: each draw is a forward/backward);
         `tokens_saved`: full-batch tokens (every rollout once) minus `policy_tokens` (negative if sampling used more);
         `weight_max` / `weight_mean`: raw importance weights 1 / (N p_i) of the draws; `ess`: (sum w)^2 / sum w^2;
-        `zero_adv_frac`: fraction of the N rollouts with |A| <= eps; `uniform_fallback`: 1 if all were zero.
+        `zero_adv_frac`: fraction of the N rollouts with |A| <= eps; `support_rows`: N_+, rollouts with p > 0 (the
+        re-centring constant is N_+ / N); `uniform_fallback`: 1 if all were zero.
         """
         out = {f"cost/{key}": value for key, value in self._last.items()}
         out["cost/policy_tokens_cumulative"] = self._policy_tokens_cumulative

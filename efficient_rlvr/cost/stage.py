@@ -12,8 +12,11 @@ the importance weights of the micro-batches it returns. Per generation batch (af
 2. Draw. `CostAwareSampler` (identical inputs and seeded generator on every process) draws M rows i.i.d. from
    p_i ~ (1 - alpha) |A_i| / sqrt(c_i) / Z + alpha / N_eff, with replacement; M = `cost_num_draws`, or
    ceil(`cost_draw_fraction` N_eff) (a share of what earlier stages kept, e.g. pruning survivors), default N (the
-   number of sequences vanilla TRL trains on), rounded up to a multiple of P (see 3.). Importance weights v_j = 1 / (N_eff p_j), re-centred to average 1
-   over the M draws (SPEC 3; the sampler's docstring states what re-centring does to the estimator).
+   number of sequences vanilla TRL trains on), rounded up to a multiple of P (see 3.). Only rows with A_i = 0 exactly
+   get p_i = 0 (at alpha = 0); N_+ = pooled rows with p_i > 0. Importance weights v_j = 1 / (N_+ p_j): the raw
+   weights 1 / (N_eff p_j) re-centred by a constant, their expected value N_+ / N_eff, so that E_p[v] = 1 (SPEC 3
+   "Correction"; never by the draws' own mean, which over a pool that holds A = 0 rows multiplies the step by about
+   N_eff / N_+ and otherwise makes a biased ratio estimator; see the sampler's docstring).
 3. Equal shares. M is rounded up to a multiple of P (P = processes) and every rank trains exactly M / P draws, in
    micro-batches of the same sizes on every rank: TRL's loss all-gathers per-sequence metrics (clip ratios), which
    needs equal row counts per micro-step, per-step time is set by the slowest rank, a rank holding many informative
@@ -28,14 +31,18 @@ the importance weights of the micro-batches it returns. Per generation batch (af
 4. Loss. `weighted_loss` multiplies each row's advantage by its `sample_weights` s_j v_j and calls TRL's own
    `_compute_loss`. Advantage scaling weights the policy term of every TRL 1.16 loss type exactly (w > 0; proved on
    TRL's code in tests/test_cost.py). The factor s_j makes the micro-batch losses, summed over the accumulation
-   window and averaged by DDP over processes, an unbiased estimate of TRL's full-batch objective for this batch
-   (before re-centring; `num_items_in_batch` stays TRL's count of the full batch, as weighting.py prescribes):
-     - dapo, cispo, vespo (token sum / num_items_in_batch): s = N_eff / M;
-     - grpo, sapo, luspo, dr_grpo (divided by the micro-batch's row count B_k): s = (N_eff / N) B_k P spg / M,
+   window and averaged by DDP over processes, an exactly unbiased estimate of TRL's full-batch objective of the
+   same loss type for this batch, at every zero-advantage share (E_p[v_j R_j] = (1/N_+) sum_{p_i > 0} R_i, and the
+   rows with p_i = 0 have R_i = 0; `num_items_in_batch` stays TRL's count of the full batch, as weighting.py
+   prescribes; tests/test_cost_fidelity.py checks it by Monte Carlo against TRL's `_compute_loss`):
+     - dapo, cispo, vespo (token sum / num_items_in_batch): s = N_+ / M;
+     - grpo, sapo, luspo, dr_grpo (divided by the micro-batch's row count B_k): s = (N_+ / N) B_k P spg / M,
        which also undoes unequal micro-batch sizes;
      - bnpo (divided by the micro-batch's own loss-token count T_k, which depends on the draw and would bias the
-       estimate): s = (N_eff / M) T_k P spg / num_items_in_batch, i.e. the dapo normaliser of the sampled batch
+       estimate): s = (N_+ / M) T_k P spg / num_items_in_batch, i.e. the dapo normaliser of the sampled batch
        (`policy_loss_normalizer('bnpo', sampled=True)`); the micro-batch's own count cancels.
+   So s_j v_j = (N_eff / M) / (N_eff p_j) x (normaliser terms): the raw weights; re-centring only moves N_+ between
+   the two factors.
    With M = N, no inert rows and the identity draw, every s_j v_j = 1 and the loss is TRL's (tested).
 5. `num_iterations > 1`: the trainer buffers the micro-batches of a generation batch and reuses them for every
    iteration, as TRL reuses its shuffled buffer; the draw happens once per generation batch.
@@ -46,8 +53,8 @@ micro-batch token mean), `top_entropy_quantile < 1` (the token mask is a quantil
 term depends on which rows were drawn), a `loss_type` outside `SUPPORTED_LOSS_TYPES`, and `cost_num_draws` <
 num_processes x steps_per_generation. Rows must carry 1-D advantages (checked per batch).
 
-Deviation: when no pooled row has |A| > eps (every group zero-variance, or every row inert) the policy gradient of
-the batch is (numerically) zero whatever is drawn; the stage then draws only P x steps_per_generation rows, the
+Deviation: when no pooled row has A != 0 (every group zero-variance, or every row inert) the policy gradient of
+the batch is zero whatever is drawn; the stage then draws only P x steps_per_generation rows, the
 fewest that keep every micro-batch non-empty (inert-only batches get weight 0).
 
 Metrics (`cost/`, all processes together): per optimizer step and cumulative, policy-optimization tokens (tokens of
@@ -72,8 +79,10 @@ __all__ = ["CostAwareStage", "check_cost_aware_config"]
 # Not a config field: the split generator (assignment shuffle, all-inert fallback) is seeded with args.seed + this,
 # so that it differs from the sampler's generator (seeded with args.seed).
 SPLIT_SEED_OFFSET = 7919
-# Not a config field: the sampler's zero-advantage threshold (see sampler.py; the default of CostAwareSampler).
-ADVANTAGE_EPS = 1e-3
+# Not a config field: the sampler's zero-advantage threshold (see sampler.py; the default of CostAwareSampler): only
+# exact zeros get p = 0. A threshold > 0 drops small continuous advantages (graded rewards, scale_rewards="none") from
+# the estimate, a bias of their whole share of the objective.
+ADVANTAGE_EPS = 0.0
 
 _TOKEN_SUM_TYPES = ("dapo", "cispo", "vespo")
 _ROW_COUNT_TYPES = ("grpo", "sapo", "luspo", "dr_grpo")
@@ -232,7 +241,8 @@ class CostAwareStage:
             picked, weights = self.sampler.draw(adv_all[pool], cost_all[pool], num_draws=m)
             rows = pool[picked]  # [M] global row ids
             weights = weights.double()
-        n_eff = max(int(pool.numel()), 1)
+        # N_+: pooled rows with p > 0 (the sampler's re-centring constant is N_+ / N_eff)
+        n_support = self.sampler.support_size(adv_all[pool], cost_all[pool]) if pool.numel() else 1
 
         # ---- equal shares: own draws first, overflow in draw order, then a shuffle per rank
         quota = [m // n_proc] * n_proc
@@ -250,7 +260,7 @@ class CostAwareStage:
 
         # ---- loss multipliers s_j v_j and global accounting per micro-batch
         num_items = float(batch["num_items_in_batch"]) if "num_items_in_batch" in batch else float(loss_tokens.sum())
-        scale = self._scales(loss_tokens, num_items, rows, weights, assigned, num_chunks, n_total, n_eff)
+        scale = self._scales(loss_tokens, num_items, rows, weights, assigned, num_chunks, n_total, n_support)
         self._chunk_tokens = [0.0] * num_chunks
         self._chunk_rows = [0.0] * num_chunks
         for r in range(n_proc):
@@ -287,11 +297,13 @@ class CostAwareStage:
             "sample_weights": scale[rank].clone(),
             "pool_rows": n_total,
             "pool_valid_rows": int(pool.numel()),
+            "support_rows": n_support if pool.numel() else 0,
         }
         raw = self.sampler.metrics()
         self._last_split = {
             "cost/pool_rows": float(n_total),
             "cost/pool_valid_rows": float(pool.numel()),
+            "cost/support_rows": float(n_support if pool.numel() else 0),
             "cost/draws": float(m),
             "cost/rows_moved": float(moved),
             "cost/weight_max": raw.get("cost/weight_max", 0.0),
@@ -313,11 +325,12 @@ class CostAwareStage:
         assigned: list[list[int]],
         num_chunks: int,
         n_total: int,
-        n_eff: int,
+        n_support: int,
     ) -> list[torch.Tensor]:
         """Per rank, the loss multipliers s_j v_j of its draws in its (shuffled) order (module docstring, 4.).
 
-        `tokens` `[N]`: loss tokens of every global row (bnpo); `num_items`: TRL's `num_items_in_batch`.
+        `tokens` `[N]`: loss tokens of every global row (bnpo); `num_items`: TRL's `num_items_in_batch`; `n_support`:
+        N_+, the pooled rows with p > 0 (`weights` are 1 / (N_+ p)).
         """
         n_proc, m = len(assigned), rows.numel()
         out = []
@@ -328,12 +341,12 @@ class CostAwareStage:
             for k in range(num_chunks):
                 lo, hi = bounds[k], bounds[k + 1]
                 if self.loss_type in _TOKEN_SUM_TYPES:
-                    s[lo:hi] = n_eff / m
+                    s[lo:hi] = n_support / m
                 elif self.loss_type in _ROW_COUNT_TYPES:
-                    s[lo:hi] = (n_eff / n_total) * (hi - lo) * n_proc * num_chunks / m
+                    s[lo:hi] = (n_support / n_total) * (hi - lo) * n_proc * num_chunks / m
                 else:  # bnpo: TRL divides by the micro-batch's own loss tokens T_k; swap in the sampled dapo normaliser
                     t_k = float(tokens[rows[assigned[r][lo:hi]]].sum())
-                    s[lo:hi] = (n_eff / m) * max(t_k, 1.0) * n_proc * num_chunks / max(num_items, 1.0)
+                    s[lo:hi] = (n_support / m) * max(t_k, 1.0) * n_proc * num_chunks / max(num_items, 1.0)
             out.append(v * s)
         return out
 
@@ -442,7 +455,8 @@ class CostAwareStage:
         Per optimizer step: `policy_tokens`, `full_batch_tokens` (vanilla TRL: every row once per iteration),
         `tokens_saved`, `tokens_saved_frac`, `policy_rows`, `full_batch_rows`; cumulative: `*_cumulative`; of the
         last draw: `weight_max` / `weight_mean` (raw 1 / (N_eff p)), `ess`, `ess_frac`, `unique_frac`,
-        `zero_adv_frac`, `uniform_fallback`, `draws`, `pool_rows`, `pool_valid_rows`, `rows_moved`.
+        `zero_adv_frac`, `uniform_fallback`, `draws`, `pool_rows`, `pool_valid_rows`, `support_rows` (N_+, rows with
+        p > 0), `rows_moved`.
         """
         out = dict(self._last_split)
         step, total = self._step, self._cumulative

@@ -59,8 +59,9 @@ each row's advantage is multiplied by its loss multiplier, and every normaliser 
 multiplier, because each is one scalar per micro-batch: for bnpo, the micro-batch's own token count is swapped for
 the sampled dapo normaliser (`policy_loss_normalizer('bnpo', ..., sampled=True)`). `num_items_in_batch` stays TRL's
 count of the full batch. Two corrections to the earlier plan: with M != N draws the dapo normaliser must be scaled by
-M / N (the stage puts N_eff / M into the multiplier, N_eff = rows with any loss token), otherwise the objective
-shrinks by M / N; and the row-mean types (grpo, sapo, luspo, dr_grpo) divide by the micro-batch's row count, which
+M / N (the stage puts N_+ / M into the multiplier, N_+ = rows with any loss token and p > 0, because its weights
+are 1 / (N_+ p): re-centred by the constant N_+ / N, never by the draws' own mean, which would rescale the step by
+~N / N_+ whenever A = 0 rows are pooled; SPEC 3 "Correction"), otherwise the objective shrinks by M / N; and the row-mean types (grpo, sapo, luspo, dr_grpo) divide by the micro-batch's row count, which
 is unbiased for equal micro-batches and corrected by the multiplier otherwise. Consequently the stage refuses what
 this route cannot weight (`check_objective(route="advantage")` minus the bnpo case it handles): beta != 0, an
 entropy bonus, and top_entropy_quantile < 1. `weighted_policy_loss` / `policy_loss_normalizer` remain the reference
