@@ -29,7 +29,7 @@ def test_resolve_flags_expands_fractions_and_the_preset():
 def test_faster_variants_run_more_steps_to_cover_vanillas_wall_clock():
     _, cmd = bench.run_command(RECIPE, "efficient", 3, "/tmp/x", ["--max_steps", "150"])
     assert "--max_steps_scale" not in cmd
-    assert cmd[cmd.index("--max_steps") + 1] == "270"
+    assert cmd[cmd.index("--max_steps") + 1] == "390"
     assert cmd[cmd.index("--seed") + 1] == "3"
     _, vanilla = bench.run_command(RECIPE, "trl", 3, "/tmp/x", ["--max_steps", "150"])
     assert vanilla[vanilla.index("--max_steps") + 1] == "150"
@@ -79,6 +79,7 @@ def test_bootstrap_interval_brackets_the_median_and_is_degenerate_for_equal_valu
     assert low <= 1.4 <= high and low >= 1.0 and high <= 1.8
     assert bench.bootstrap_interval([2.0, 2.0, 2.0]) == [2.0, 2.0]
     assert bench.bootstrap_interval([]) is None
+    assert bench.bootstrap_interval([1.5]) is None  # one seed: no interval
 
 
 def test_speedup_edge_cases():
@@ -137,7 +138,9 @@ def test_paired_speedup_rollouts_and_accuracy_differences():
     p = bench.paired(fast, vanilla, None)
     assert p["speedup"][1.0] == pytest.approx(100.0 / 90.0)
     assert p["accuracy_diff_equal_time"] == pytest.approx((0.6 + 0.7 + 0.75) / 3 - 0.65)
-    assert p["accuracy_diff_equal_steps"] == pytest.approx((0.6 + 0.7 + 0.75) / 3 - 0.65)  # step 10 is its 100 s point too
+    assert p["accuracy_diff_equal_steps"] == pytest.approx(
+        (0.6 + 0.7 + 0.75) / 3 - 0.65
+    )  # step 10 is its 100 s point too
     half = bench.summarize(_run("half", 0, VANILLA, seconds=50.0))
     q = bench.paired(half, vanilla, None)
     assert q["speedup"] == pytest.approx({0.5: 2.0, 0.75: 2.0, 1.0: 2.0})
@@ -188,6 +191,10 @@ def test_aggregate_and_resolution_check_pass_when_skip_resolves():
     assert check["smallest_resolved_speedup"] == pytest.approx(1.3 / check["interval90"][0])
     table = bench.markdown_table(rows, {"description": "test."}, check)
     assert "| skip | 5 |" in table and "Resolution check (passed)" in table
+
+
+def test_resolution_check_needs_two_seeds():
+    assert bench.resolution_check(bench.aggregate(_record([1.3]))) is None
 
 
 def test_resolution_check_fails_when_the_interval_holds_1():
