@@ -412,23 +412,25 @@ def projected_step_ratio(variant: dict[str, Any], vanilla: dict[str, Any]) -> fl
     return ratio
 
 
+def _rollouts_to(run: dict[str, Any], level: float) -> float | None:
+    """Rollouts the run had generated when its smoothed held-out curve first reached `level` (None: never)."""
+    return _interp(run["records"], "rollouts/cumulative", first_crossing(run["eval_curve_smoothed"], level))
+
+
 def paired(run: dict[str, Any], vanilla: dict[str, Any], dapo: dict[str, Any] | None) -> dict[str, Any]:
     """One variant run's figures against vanilla's run (and DAPO's) of the same seed."""
     levels = levels_of(vanilla)
+    step_ratio = projected_step_ratio(run, vanilla)
     out: dict[str, Any] = {"levels": levels, "speedup": {}, "time_to_level": {}, "steps_to_level": {}}
+    out["projected_speedup"] = {}
     for f, level in levels.items():
-        t_var, t_van = (
-            first_crossing(run["eval_curve_smoothed"], level),
-            first_crossing(vanilla["eval_curve_smoothed"], level),
-        )
+        t_var = first_crossing(run["eval_curve_smoothed"], level)
         out["time_to_level"][f] = t_var
-        out["speedup"][f] = speedup(t_van, t_var)
+        out["speedup"][f] = speedup(first_crossing(vanilla["eval_curve_smoothed"], level), t_var)
         s_var = first_crossing(run["eval_curve_steps_smoothed"], level)
-        s_van = first_crossing(vanilla["eval_curve_steps_smoothed"], level)
-        step_ratio = projected_step_ratio(run, vanilla)
-        steps_speedup = speedup(s_van, s_var)
+        steps_speedup = speedup(first_crossing(vanilla["eval_curve_steps_smoothed"], level), s_var)
         out["steps_to_level"][f] = s_var
-        out.setdefault("projected_speedup", {})[f] = (
+        out["projected_speedup"][f] = (
             None if step_ratio is None or steps_speedup is None else steps_speedup / step_ratio
         )
     final_van = vanilla["eval_curve_smoothed"][-1][1]
@@ -437,20 +439,13 @@ def paired(run: dict[str, Any], vanilla: dict[str, Any], dapo: dict[str, Any] | 
     out["accuracy_diff_equal_steps"] = None if at_steps is None else at_steps - final_van
     out["accuracy_diff_equal_time"] = None if at_time is None else at_time - final_van
     out["step_time_ratio"] = vanilla["seconds_per_step"] / run["seconds_per_step"]
-    out["projected_step_ratio"] = projected_step_ratio(run, vanilla)
-    t_target = out["time_to_level"][1.0]
-    rollouts = _interp(run["records"], "rollouts/cumulative", t_target)
-    van_rollouts = _interp(
-        vanilla["records"], "rollouts/cumulative", first_crossing(vanilla["eval_curve_smoothed"], levels[1.0])
-    )
+    out["projected_step_ratio"] = step_ratio
+    rollouts = _rollouts_to(run, levels[1.0])
+    van_rollouts = _rollouts_to(vanilla, levels[1.0])
+    dapo_rollouts = _rollouts_to(dapo, levels[1.0]) if dapo is not None else None
     out["rollouts_to_target"] = rollouts
     out["rollouts_to_target_vs_vanilla"] = None if rollouts is None or not van_rollouts else rollouts / van_rollouts
-    out["rollouts_to_target_vs_dapo"] = None
-    if dapo is not None and rollouts is not None:
-        dapo_rollouts = _interp(
-            dapo["records"], "rollouts/cumulative", first_crossing(dapo["eval_curve_smoothed"], levels[1.0])
-        )
-        out["rollouts_to_target_vs_dapo"] = rollouts / dapo_rollouts if dapo_rollouts else None
+    out["rollouts_to_target_vs_dapo"] = None if rollouts is None or not dapo_rollouts else rollouts / dapo_rollouts
     return out
 
 
