@@ -20,6 +20,13 @@ backward cost shrink with them, while every shape TRL relies on stays valid:
   counts on every process. Processes with fewer surviving rows are filled up with inert padding rows (completion
   mask and advantage zeroed, reward unknown), which contribute exactly zero to every TRL loss.
 
+Micro-batches packed by length (`pack_rows_by_length`, used with the zero-advantage skip, whose losses are normalised
+by the generation batch's token count, so which rows share a micro-batch does not change the step): rows sorted by
+their real length and split into contiguous chunks, each trimmed to its own widest completion (trailing columns that
+no row of the chunk attends to dropped), so the policy forward/backward runs over fewer padding positions. A causal
+model's outputs at the kept positions do not depend on later columns, so this is exact for any model (the prompts'
+left padding is kept: dropping it would shift absolute positions).
+
 Rows carry their own reward and group, so that stages can follow each other in any supported order after rows were
 dropped or added (`annotate_rows`, called by the trainer before the first batch stage): ``rollout_rewards`` ``[N]``
 (total reward, NaN = unknown: unscorable, pruned, or an inert padding row) and ``rollout_groups`` ``[N]`` (global
@@ -135,6 +142,57 @@ def split_rows(batch: dict[str, Any], num_chunks: int) -> list[dict[str, Any]]:
     return [index_rows(batch, torch.arange(bounds[i], bounds[i + 1])) for i in range(num_chunks)]
 
 
+# Per-token entries aligned with the completion (trimmed on the right with it), and the prompt's (kept whole).
+COMPLETION_ALIGNED = (
+    "completion_ids",
+    "completion_mask",
+    "old_per_token_logps",
+    "ref_per_token_logps",
+    "sampling_per_token_logps",
+    "tool_mask",
+    "importance_sampling_ratio",
+    "advantages",
+)
+PROMPT_ALIGNED = ("prompt_ids", "prompt_mask")
+
+
+def pack_rows_by_length(batch: dict[str, Any], num_chunks: int) -> list[dict[str, Any]]:
+    """`num_chunks` micro-batches of rows of similar length, each without trailing padding columns (module docstring).
+
+    Rows are sorted by prompt + completion tokens under their masks (a stable sort: equal lengths keep the batch's
+    order) and split as `split_rows` does. Trimming applies only when every per-row entry of two or more dimensions
+    is a known prompt- or completion-aligned one (`PROMPT_ALIGNED`, `COMPLETION_ALIGNED`; a sequence-level
+    `importance_sampling_ratio` `[N, 1]` is kept whole); otherwise the chunks are only sorted.
+    """
+    n = local_row_count(batch)
+    lengths = (batch["prompt_mask"].sum(dim=1) + batch["completion_mask"].sum(dim=1)).cpu()  # [n]
+    order = torch.sort(lengths, stable=True).indices
+    chunks = split_rows(index_rows(batch, order), num_chunks)
+    C = batch["completion_ids"].shape[1]
+    others = [
+        key
+        for key, value in batch.items()
+        if isinstance(value, torch.Tensor)
+        and value.dim() > 1
+        and value.shape[0] == n
+        and key not in PROMPT_ALIGNED + COMPLETION_ALIGNED
+    ]
+    if others:
+        return chunks
+    return [_trim_padding(chunk, C) for chunk in chunks]
+
+
+def _trim_padding(chunk: dict[str, Any], C: int) -> dict[str, Any]:
+    used = chunk["completion_mask"].bool().any(dim=0)  # [C] a column some row attends to
+    end = int(used.nonzero()[-1]) + 1 if bool(used.any()) else 1  # keep >= 1 column
+    out = dict(chunk)
+    for key in COMPLETION_ALIGNED:
+        value = chunk.get(key)
+        if isinstance(value, torch.Tensor) and value.dim() > 1 and value.shape[1] == C:
+            out[key] = value[:, :end]
+    return out
+
+
 LEFT_PADDED = ("prompt_ids", "prompt_mask")
 TOKEN_ID_KEYS = ("prompt_ids", "completion_ids")
 # Per-token entries whose neutral padding value is 1 (every other non-token-id entry is padded with 0).
@@ -200,3 +258,13 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
     return a == b
+
+
+def zero_variance_share(rewards: torch.Tensor, group_size: int) -> float:
+    """Share of the generation batch's groups whose known rewards (`[N_global]`, NaN = unknown) cannot differ."""
+    groups = rewards.detach().float().cpu().view(-1, group_size)  # [B, G]
+    known = torch.isfinite(groups)
+    high = torch.where(known, groups, -torch.inf).max(dim=1).values
+    low = torch.where(known, groups, torch.inf).min(dim=1).values
+    flat = (known.sum(dim=1) < 2) | (high <= low)
+    return float(flat.float().mean())

@@ -7,8 +7,10 @@ epochs over a fixed pool; the history methods need revisits). Each (variant, see
 its own process (a fresh vLLM engine and a clean clock). Held-out accuracy (T=1, 400 prompts x 4 samples, the same
 prompts and sampling seed for every run) is measured before training, every `--eval_every` steps (training clock
 paused meanwhile) and at the end. Seed s means the same data order and the same initial model in every variant
-(paired seeds). Variants whose steps are faster than vanilla's run more steps (`--max_steps_scale`), so that every
-variant covers at least vanilla's wall-clock and the comparison at equal wall-clock is read off a real curve.
+(paired seeds). Variants whose steps are faster than vanilla's may run more steps (`--max_steps_scale`, a cap) and
+stop once their training clock passes vanilla's of the same seed times `TIME_MARGIN` (`--max_train_seconds`, when
+vanilla's run has finished), so that every variant covers vanilla's wall-clock, the comparison at equal wall-clock
+is read off a real curve, and no run goes on much longer than that.
 
 Variants: the core comparison (`CORE_VARIANTS`: trl, dynamic_sampling, skip, efficient) runs on every seed; the
 method rows (`METHOD_VARIANTS`) on `--method_seeds` only. Vanilla TRL gets only the CPU-safe vLLM weight sync (TRL's
@@ -23,7 +25,9 @@ Statistics (`aggregate`), all paired by seed against vanilla's run of the same s
   interval (seeds resampled with replacement, 2,000 draws).
 - Accuracy difference vs vanilla at equal steps (vanilla's last step) and at equal wall-clock (vanilla's training
   seconds), on smoothed curves; mean over seeds with a bootstrap 90% interval.
-- Rollouts generated up to the 100% level, over vanilla's and over DAPO's (same seed).
+- Rollouts generated up to the 100% level, over vanilla's and over DAPO's (same seed); and DAPO on its own terms:
+  rollouts up to DAPO's final smoothed accuracy, over DAPO's rollouts up to it.
+- Flatness: the gain of each smoothed curve over its run's last 50 steps (mean over seeds; ~0 = the plateau).
 - Resolution check: `skip` trains on vanilla's exact gradient with faster steps, so its speedup must agree with its
   step-time ratio and its interval must exclude 1. The smallest speedup the record resolves is read off skip's
   interval: a speedup S whose interval has skip's relative width excludes 1 when S > skip's median / skip's lower
@@ -68,12 +72,12 @@ VARIANTS: dict[str, list[str]] = {
     # DAPO dynamic sampling: zero-variance groups dropped after scoring, refilled for up to 3 extra rounds (the
     # baseline HIVE and GRESO report their rollout savings against).
     "dynamic_sampling": ["--trainer", "efficient", "--dynamic_sampling", "true"],
-    # Zero-advantage rollouts skip the loss: vanilla's exact gradient, faster steps (the resolution check); its steps
-    # were 1.46x faster than vanilla's (seed 0), so 1.6x the steps covers vanilla's wall-clock.
-    "skip": ["--trainer", "efficient", "--skip_zero_advantage", "true", "--max_steps_scale", "1.6"],
-    # The `efficient` preset (examples/recipes/efficient.yaml); its steps were 2.38x faster than vanilla's (seed 0),
-    # so 2.6x the steps covers vanilla's wall-clock.
-    "efficient": ["--trainer", "efficient", "--preset_recipe", "efficient", "--max_steps_scale", "2.6"],
+    # Zero-advantage rollouts skip the old-log-prob pass and the loss, in length-packed micro-batches: vanilla's
+    # exact gradient, faster steps (the resolution check). Runs to vanilla's wall-clock (`TIME_MARGIN`), at most
+    # 2.5x vanilla's steps.
+    "skip": ["--trainer", "efficient", "--skip_zero_advantage", "true", "--max_steps_scale", "2.5"],
+    # The `efficient` preset (examples/recipes/efficient.yaml: history skip + zero-advantage skip); the same time cap.
+    "efficient": ["--trainer", "efficient", "--preset_recipe", "efficient", "--max_steps_scale", "2.5"],
     # HIVE: history sampler + entropy median filter (SPEC defaults: keep ratio 0.5, so 2B candidates per step go
     # through one prompt-only forward pass); the optimizer still gets the recipe's prompts x 8 rollouts per step.
     "hive": ["--trainer", "efficient", "--selection_history", "true", "--selection_entropy", "true"],
@@ -123,6 +127,9 @@ VARIANTS: dict[str, list[str]] = {
     ],
 }
 CORE_VARIANTS = ("trl", "dynamic_sampling", "skip", "efficient")
+# A variant with `--max_steps_scale` also stops once its training clock passes vanilla's (same seed, when that run
+# has finished) times this: the comparison at equal wall-clock needs the smoothed curve a few evaluations past it.
+TIME_MARGIN = 1.15
 METHOD_VARIANTS = ("greso", "arrol", "random_prune", "cost_aware")
 DAPO = "dynamic_sampling"
 LEVELS = (0.5, 0.75, 1.0)
@@ -188,7 +195,12 @@ def run_command(recipe: str, variant: str, seed: int, output_dir: str, extra: li
     run_dir = os.path.join(output_dir, f"{variant}-seed{seed}")
     script = os.path.join(os.path.dirname(os.path.abspath(recipe)), "..", "train_grpo.py")
     cmd = [sys.executable, script, "--config", recipe, "--output_dir", run_dir, "--seed", str(seed)]
-    cmd += _scale_steps(resolve_flags(recipe, VARIANTS[variant]) + extra)  # later flags win
+    flags = resolve_flags(recipe, VARIANTS[variant])
+    vanilla = os.path.join(output_dir, f"trl-seed{seed}", "summary.json")
+    if "--max_steps_scale" in flags and os.path.exists(vanilla):
+        with open(vanilla) as f:
+            flags += ["--max_train_seconds", str(round(json.load(f)["train_seconds"] * TIME_MARGIN))]
+    cmd += _scale_steps(flags + extra)  # later flags win
     return run_dir, cmd
 
 
@@ -446,7 +458,20 @@ def paired(run: dict[str, Any], vanilla: dict[str, Any], dapo: dict[str, Any] | 
     out["rollouts_to_target"] = rollouts
     out["rollouts_to_target_vs_vanilla"] = None if rollouts is None or not van_rollouts else rollouts / van_rollouts
     out["rollouts_to_target_vs_dapo"] = None if rollouts is None or not dapo_rollouts else rollouts / dapo_rollouts
+    # Against DAPO on its own terms: rollouts to DAPO's final (smoothed) accuracy over the rollouts DAPO needed.
+    out["rollouts_to_dapo_final_vs_dapo"] = None
+    if dapo is not None:
+        dapo_final = dapo["eval_curve_smoothed"][-1][1]
+        mine, theirs = _rollouts_to(run, dapo_final), _rollouts_to(dapo, dapo_final)
+        out["rollouts_to_dapo_final_vs_dapo"] = None if mine is None or not theirs else mine / theirs
     return out
+
+
+def last_gain(run: dict[str, Any], steps: int = 50) -> float | None:
+    """How much the run's smoothed held-out curve rose over its last `steps` optimizer steps (is it flat yet?)."""
+    curve = run["eval_curve_steps_smoothed"]
+    start = value_at(curve, curve[-1][0] - steps) if curve and curve[-1][0] >= steps else None
+    return None if start is None else curve[-1][1] - start
 
 
 def _mean(values: list[float]) -> float:
@@ -488,8 +513,11 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "rollouts_to_target",
             "rollouts_to_target_vs_vanilla",
             "rollouts_to_target_vs_dapo",
+            "rollouts_to_dapo_final_vs_dapo",
         ):
             row[key] = _median([p[key] for p in pairs])
+        gains = [g for r in mine if (g := last_gain(r)) is not None]
+        row["last_50_steps_gain"] = {"mean": _mean(gains) if gains else None, "per_seed": gains}
         row["final_accuracy"] = _median([r["eval_curve_smoothed"][-1][1] for r in mine])
         row["final_accuracy_raw_per_seed"] = [r["eval_accuracy_after"] for r in mine]
         for key in (
@@ -598,6 +626,15 @@ def markdown_table(rows: list[dict[str, Any]], meta: dict[str, Any], check: dict
             f"{_fmt(w['update_tokens'], ',.0f')} | {_fmt(ph['generation'])} | {_fmt(ph['logprobs'])} | "
             f"{_fmt(ph['update'])} | {_fmt(r['rollouts_generated'], ',.0f')} |"
         )
+    lines.append("")
+    lines.append(
+        "Against DAPO on its own terms (rollouts to DAPO's final smoothed accuracy over DAPO's rollouts to it, median "
+        "over seeds; '-' = not reached): "
+        + ", ".join(f"{r['variant']} {_fmt(r.get('rollouts_to_dapo_final_vs_dapo'), '.0%')}" for r in rows)
+        + ". Gain of the smoothed held-out curve over the last 50 steps (mean over seeds; ~0 = flat): "
+        + ", ".join(f"{r['variant']} {_fmt(r['last_50_steps_gain']['mean'], '+.3f')}" for r in rows)
+        + "."
+    )
     lines.append("")
     if check is None:
         lines.append("Resolution check: not possible yet (it needs `skip` on at least two seeds).")

@@ -112,7 +112,7 @@ METHODS: dict[str, MethodInfo] = {
         (HES,),
     ),
     "skip_zero_advantage": MethodInfo(
-        "Zero-advantage skip: drop rollouts with A = 0 before the loss (Cost-Aware GRPO's p = 0, exact)",
+        "Zero-advantage skip: rollouts with A = 0 skip the old-log-prob pass and the loss (Cost-Aware GRPO's p = 0, exact)",
         "cost/zero_adv_",
         (COST_AWARE,),
     ),
@@ -150,6 +150,12 @@ SAVINGS: tuple[tuple[tuple[str, ...], str, str | None, str | None], ...] = (
         "zero-advantage rollouts and their tokens skipped before the loss",
         "cost/zero_adv_rows_skipped_total",
         "cost/zero_adv_tokens_skipped_total",
+    ),
+    (
+        ("skip_zero_advantage",),
+        "zero-advantage rollouts left out of the old-log-prob pass",
+        "cost/zero_adv_logprob_rows_skipped_total",
+        None,
     ),
     (
         ("cost_aware_sampling",),

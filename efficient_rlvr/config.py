@@ -26,17 +26,16 @@ _VLLM_DTYPES = ("auto", "float32", "bfloat16", "float16")
 # The trainer runs the stages in one fixed order (documented in efficient_rlvr/trainer.py): select prompts -> pruned
 # generation -> score -> baseline / budget -> trajectory selection -> cost-aware minibatches -> loss.
 PRESETS: dict[str, dict[str, object]] = {
-    # HIVE's history skip (GRESO rule), ARRoL pruning and exact skipping of zero-advantage rollouts before the loss
-    # (the deterministic limit of Cost-Aware GRPO's p = 0 for A = 0). Chosen on the earlier record (a 5,000-prompt pool,
-    # 25 steps). On the recurring 1,000-prompt pool (README "Benchmark", one seed so far) its steps are 2.38x faster
-    # than vanilla's and it reached vanilla's final held-out accuracy 1.33x sooner, but ended lower at equal steps; it
-    # is to be rebuilt from the new benchmark. Left out (earlier pilots): the entropy median filter, cost-aware draws on
-    # top of pruning, the V0.5 baseline, HES selection and the adaptive budget. Any of them can be switched on on top.
+    # HIVE's history skip (GRESO rule) and the exact zero-advantage skip (the deterministic limit of Cost-Aware GRPO's
+    # p = 0 for A = 0; its rows also skip TRL's old-log-prob pass). Rebuilt from the recurring-pool benchmark (README
+    # "Benchmark"): the history skip keeps flat groups out of the batch as the pool recurs, the zero-advantage skip
+    # removes the compute of the flat groups that remain, with vanilla's exact gradient. Left out: ARRoL pruning (its
+    # head does not rank the rollouts of one prompt here: within-group AUC 0.51-0.56, so it pruned at random and the
+    # previous preset with it ended below vanilla at equal steps; with `pruning=True` its gate,
+    # `pruning_gate_min_auc`, now stands it down in that case), the entropy median filter, cost-aware draws, the
+    # V0.5 baseline, HES selection and the adaptive budget. Any of them can be switched on on top.
     "efficient": {
-        "use_vllm": True,  # pruning aborts requests inside the colocated engine
-        "vllm_mode": "colocate",
         "selection_history": True,
-        "pruning": True,
         "skip_zero_advantage": True,
     },
 }
@@ -93,6 +92,14 @@ class EfficientGRPOConfig(GRPOConfig):
         metadata={
             "help": "When p_easy / p_hard start adapting: None = from the first step that draws a revisited prompt "
             "(SPEC; GRESO adapts from its second epoch on); an int n >= 0 = after n optimizer steps, revisits or not."
+        },
+    )
+    selection_min_skip_lift: float | None = field(
+        default=0.0,
+        metadata={
+            "help": "The history skip stands down (keeps every prompt, selection/history/standing_down = 1) while "
+            "the share of explored skip-eligible prompts that come back flat exceeds the share among prompts without "
+            "a record by no more than this, after 32 such probes; in [-1, 1]. None: never stand down (GRESO)."
         },
     )
     selection_entropy_keep_ratio: float = field(
@@ -163,6 +170,16 @@ class EfficientGRPOConfig(GRPOConfig):
     pruning_head_lr: float = field(default=0.01, metadata={"help": "Learning rate of the quality head (> 0)."})
     pruning_correct_threshold: float = field(
         default=0.5, metadata={"help": "A finished rollout counts as correct for the head when reward > this."}
+    )
+    pruning_gate_min_auc: float = field(
+        default=0.6,
+        metadata={
+            "help": "Prune only while the head ranks within groups: its within-group AUC on the finished, unpruned "
+            "rollouts of the last 10 steps (out-of-sample L_detect scores, >= 8 mixed groups) must be at least this; "
+            "otherwise the step keeps every rollout and logs pruning/gated = 1. 0.6: from that within-group AUC on "
+            "the group-relative rule balances survivors resolvably better than random pruning (tests/"
+            "test_pruning_fidelity.py); the embedded task's head measured 0.51-0.56. 0 disables the gate. In [0, 1)."
+        },
     )
 
     # ---- 3. Cost-aware minibatch sampling (namespace `cost/`) ----------------------------------------------------
@@ -248,6 +265,8 @@ class EfficientGRPOConfig(GRPOConfig):
             _range("selection_entropy_last_k", self.selection_entropy_last_k, 1)
         if self.selection_adapt_warmup_steps is not None:
             _range("selection_adapt_warmup_steps", self.selection_adapt_warmup_steps, 0)
+        if self.selection_min_skip_lift is not None:
+            _range("selection_min_skip_lift", self.selection_min_skip_lift, -1.0, 1.0)
         _range("dynamic_sampling_max_rounds", self.dynamic_sampling_max_rounds, 1)
         # Selection refills each process's generation batch (per_device x steps_per_generation rows) with whole groups
         # of G; TRL only needs the global batch to hold whole groups (a group may span processes).
@@ -287,6 +306,7 @@ class EfficientGRPOConfig(GRPOConfig):
             what=f"in [1, num_generations={self.num_generations}]",
         )
         _range("pruning_head_lr", self.pruning_head_lr, 0.0, lo_open=True)
+        _range("pruning_gate_min_auc", self.pruning_gate_min_auc, 0.0, 1.0, hi_open=True)
         _range("cost_alpha", self.cost_alpha, 0.0, 1.0)
         if self.cost_num_draws is not None:
             _range("cost_num_draws", self.cost_num_draws, 1)

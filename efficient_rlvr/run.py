@@ -22,7 +22,13 @@ from trl import GRPOConfig, GRPOTrainer, ModelConfig, get_peft_config
 from .config import EfficientGRPOConfig
 from .generation import use_efficient_vllm_generation
 from .profiling import PhaseTimer
-from .reporting import MetricsRecorder, PeriodicEvaluation, plot_reward_vs_time
+from .reporting import (
+    MetricsRecorder,
+    PeriodicEvaluation,
+    StopAfterSeconds,
+    plot_reward_vs_time,
+    use_compact_console,
+)
 from .trainer import EfficientGRPOTrainer
 
 EMBEDDED = "embedded"
@@ -57,6 +63,20 @@ class RunArguments:
     )
     torch_threads: int | None = field(
         default=None, metadata={"help": "torch.set_num_threads for this process (None: torch's default)."}
+    )
+    max_train_seconds: float | None = field(
+        default=None,
+        metadata={
+            "help": "Also stop after the optimizer step at which this many training seconds (evaluations excluded) "
+            "have passed; max_steps still applies. None: max_steps only."
+        },
+    )
+    reference_record: str | None = field(
+        default="docs/bench/bench.json",
+        metadata={
+            "help": "Benchmark record (`make bench`'s bench.json) whose vanilla TRL runs are printed next to this run's "
+            "final accuracy and time. None: print nothing."
+        },
     )
     eval_every_steps: int | None = field(
         default=None,
@@ -190,6 +210,7 @@ def train(run_args: RunArguments, training_args: GRPOConfig, model_args: ModelCo
             peft_config=get_peft_config(model_args),
         )
     timer = PhaseTimer.attach(trainer)
+    use_compact_console(trainer, recorder)
     is_main = trainer.accelerator.is_main_process
     eval_kwargs = {
         "num_samples": run_args.eval_samples,
@@ -213,6 +234,8 @@ def train(run_args: RunArguments, training_args: GRPOConfig, model_args: ModelCo
     if run_args.eval_every_steps:
         periodic = PeriodicEvaluation(lambda: held_out() if is_main else {}, recorder, run_args.eval_every_steps)
         trainer.add_callback(periodic)
+    if run_args.max_train_seconds is not None:
+        trainer.add_callback(StopAfterSeconds(recorder, run_args.max_train_seconds))
     if is_main:
         print(f"held-out accuracy before training: {_fmt_eval(before)}", flush=True)
     trainer.accelerator.wait_for_everyone()
@@ -254,8 +277,42 @@ def train(run_args: RunArguments, training_args: GRPOConfig, model_args: ModelCo
             title=f"{run_args.dataset_name}: train reward and held-out accuracy (T=1)",
             evals={run_args.trainer: [(t, acc) for t, _, acc in summary["eval_curve"]]},
         )
+        if run_args.reference_record:
+            print(reference_lines(summary, run_args.reference_record), flush=True)
     trainer.accelerator.wait_for_everyone()
     return summary
+
+
+def reference_lines(summary: dict[str, Any], record_path: str) -> str:
+    """This run's final held-out accuracy and training time next to vanilla TRL's on the benchmark record (the
+    methods-off recipe, `make bench`): its median over seeds, and when this run's curve first reached it."""
+    accuracy = summary["eval_after"].get("accuracy")
+    mine = f"this run ({summary['trainer']}): held-out accuracy {accuracy:.3f} after {summary['steps']} steps, " + (
+        f"{summary['train_seconds']:.0f} s of training"
+    )
+    if not os.path.exists(record_path):
+        return mine + f"\n(no benchmark record at {record_path} to compare with)"
+    with open(record_path) as f:
+        results = [r for r in json.load(f).get("results", []) if r.get("variant") == "trl"]
+    if not results:
+        return mine + f"\n({record_path} holds no vanilla TRL run)"
+    import statistics
+
+    final = statistics.median(r["eval_accuracy_after"] for r in results)
+    seconds = statistics.median(r["train_seconds"] for r in results)
+    steps = statistics.median(r["steps"] for r in results)
+    lines = [
+        mine,
+        f"vanilla trl.GRPOTrainer, methods-off recipe ({record_path}, median of {len(results)} seed(s), 2 runs at a "
+        f"time with 1 thread each): held-out accuracy {final:.3f} after {steps:.0f} steps, {seconds:.0f} s",
+    ]
+    reached = next((t for t, _, acc in summary["eval_curve"] if acc is not None and acc >= final), None)
+    if reached is not None:
+        lines.append(f"this run first reached vanilla's final accuracy at {reached:.0f} s of training")
+    else:
+        lines.append("this run did not reach vanilla's final accuracy")
+    lines.append("(seconds compare only on the same machine and thread setting as the record)")
+    return "\n".join(lines)
 
 
 def _fmt_eval(result: dict[str, Any]) -> str:

@@ -5,11 +5,14 @@ each stage is absent, so the trainer runs TRL's own code and behaves exactly lik
 
     select prompts            `prompt_selection.select(trainer, rows)`             (HIVE; selection/stage.py)
     -> generate               `rollout_generation.generate(trainer, ...)`          (ARRoL pruning; pruning/stage.py)
-    -> score                  TRL's reward functions (gathered over processes)
+    -> score                  TRL's reward functions (gathered over processes); the zero-advantage skip, as the
+                              first batch stage, scores right after generation (`_generate`) so that its rows
+                              skip TRL's old-log-prob pass (cost/skip.py), and TRL reuses those rewards
     -> baseline/advantages,   `stage.process(trainer, rows, batch, rewards)` for each of `batch_stages`, in order:
        drop rows              pruned rollouts, the zero-variance gate, the V0.5 baseline, HES trajectory selection,
                               zero-advantage rows (exact skip, cost/skip.py)
-    -> minibatch sampling     `minibatch_sampler.split(trainer, batch, n)`        (Cost-Aware GRPO; cost/stage.py)
+    -> minibatch sampling     `minibatch_sampler.split(trainer, batch, n)`        (Cost-Aware GRPO; cost/stage.py);
+                              with the zero-advantage skip, micro-batches packed by length (batch.py)
     -> loss                   TRL's loss; rows carrying `sample_weights` are importance-weighted (cost/weighting.py)
 
 Every stage is a component (`state_dict`, `load_state_dict`, `metrics`; optionally `on_step_end(trainer)` after each
@@ -37,7 +40,7 @@ from trl.trainer.utils import (
     unsplit_pixel_values_by_grid,
 )
 
-from .batch import annotate_rows, split_rows
+from .batch import annotate_rows, pack_rows_by_length, split_rows, zero_variance_share
 from .config import EfficientGRPOConfig
 from .generation import use_efficient_vllm_generation
 
@@ -84,7 +87,13 @@ class EfficientGRPOTrainer(GRPOTrainer):
         self.batch_stages: list[Any] = []
         self.minibatch_sampler: Any = None
         self._last_rewards_per_func: torch.Tensor | None = None
+        self._scoring_inputs: list[dict[str, Any]] | None = None  # the rows of the generation in flight
+        self._early_rewards: tuple[Any, torch.Tensor] | None = None  # (completions, rewards) scored before TRL does
         self._build_stages(args)
+        # A stage that acts between generation and TRL's old-log-prob pass (the zero-advantage skip) may do so only
+        # as the first batch stage: no earlier stage drops, reorders or re-weights rows.
+        first = self.batch_stages[0] if self.batch_stages else None
+        self.early_scoring: Any = first if hasattr(first, "after_generation") else None
         self.components: dict[str, Component] = {
             type(stage).__name__: stage
             for stage in (self.prompt_selection, self.rollout_generation, *self.batch_stages, self.minibatch_sampler)
@@ -142,6 +151,8 @@ class EfficientGRPOTrainer(GRPOTrainer):
             batch = split_pixel_values_by_grid(self._generate_and_score_completions(generation_batch))
             if self.minibatch_sampler is not None:
                 batches = self.minibatch_sampler.split(self, batch, self.args.steps_per_generation)
+            elif self.args.skip_zero_advantage:  # token-normalised losses: length-packed micro-batches, same step
+                batches = pack_rows_by_length(shuffle_sequence_dict(batch), self.args.steps_per_generation)
             else:  # TRL's shuffle-and-split; stages may have dropped rows, so chunks may differ by one row
                 batches = split_rows(shuffle_sequence_dict(batch), self.args.steps_per_generation)
             self._buffered_inputs = [unsplit_pixel_values_by_grid(b) for b in batches]
@@ -155,9 +166,22 @@ class EfficientGRPOTrainer(GRPOTrainer):
             )
         return self.rollout_generation.generate(self, prompt_ids, images, multimodal_fields, num_generations)
 
+    def _generate(self, prompts: list) -> tuple:
+        # Extends TRL 1.16.0 `GRPOTrainer._generate`: the early-scoring stage sees the rollouts before TRL's
+        # old-log-prob pass (cost/skip.py leaves the zero-advantage rows out of it).
+        generated = super()._generate(prompts)
+        if self.early_scoring is not None and self.model.training:
+            self.early_scoring.after_generation(self, self._scoring_inputs, prompts, generated)
+        return generated
+
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         # Extends TRL 1.16.0 `GRPOTrainer._calculate_rewards`: keeps the gathered rewards for the batch stages;
-        # reward-function faults raise on every process, non-finite rewards count as None (checks.py).
+        # reward-function faults raise on every process, non-finite rewards count as None (checks.py). Rollouts
+        # already scored after generation (`early_scoring`) are not scored again.
+        early, self._early_rewards = self._early_rewards, None
+        if early is not None and early[0] is completions:
+            self._last_rewards_per_func = early[1]
+            return early[1]
         from .checks import reward_guard
 
         guard = reward_guard(self)
@@ -179,7 +203,11 @@ class EfficientGRPOTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         # Extends TRL 1.16.0 `GRPOTrainer._generate_and_score_completions`: the batch stages run on its output.
-        output = super()._generate_and_score_completions(inputs)
+        self._scoring_inputs = inputs
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self._scoring_inputs = None
         if not self.model.training:
             return output
         rewards = self.last_rewards() if self.batch_stages else None
@@ -189,7 +217,7 @@ class EfficientGRPOTrainer(GRPOTrainer):
             output = stage.process(self, inputs, output, rewards)
         if rewards is not None:  # TRL's frac_reward_zero_std counts pruned rollouts as scored 0: judge on known ones
             self._metrics["train"]["frac_reward_zero_std_known"].append(
-                _zero_variance_share(rewards, self.num_generations)
+                zero_variance_share(rewards, self.num_generations)
             )
         if self.prompt_selection is not None:
             self.prompt_selection.observe(self, inputs, rewards if rewards is not None else self.last_rewards())
@@ -250,16 +278,6 @@ class EfficientGRPOTrainer(GRPOTrainer):
             if name not in state:
                 raise KeyError(f"{path} has no state for component {name!r} (it has {sorted(state)}).")
             component.load_state_dict(state[name])
-
-
-def _zero_variance_share(rewards: torch.Tensor, group_size: int) -> float:
-    """Share of the generation batch's groups whose known rewards (`[N_global]`, NaN = unknown) cannot differ."""
-    groups = rewards.detach().float().cpu().view(-1, group_size)  # [B, G]
-    known = torch.isfinite(groups)
-    high = torch.where(known, groups, -torch.inf).max(dim=1).values
-    low = torch.where(known, groups, torch.inf).min(dim=1).values
-    flat = (known.sum(dim=1) < 2) | (high <= low)
-    return float(flat.float().mean())
 
 
 class _StepEndCallback(TrainerCallback):

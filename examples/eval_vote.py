@@ -5,10 +5,13 @@ prompt, k completions are sampled from the trained policy; the head scores every
 hidden state from which its last token was sampled, the position it was trained on); candidates vote for their
 answer (``efficient_rlvr.rewards.extract_answer``) with weights from their score ranks rescaled to [0, 1]
 (`efficient_rlvr.pruning.weighted_vote`), against a plain majority vote (`majority_vote`). A voted answer is right
-when the task's verifier scores ``"Answer: <answer>"`` 1.0.
+when the task's verifier scores ``"Answer: <answer>"`` 1.0. The vote a user should take (``vote_used``) is the
+weighted one only where it beat the majority vote on the first ``--calibration_prompts`` prompts
+(`efficient_rlvr.pruning.choose_vote`); ``chosen_accuracy`` is that vote's accuracy on the other prompts, next to
+both votes' accuracy on the same prompts.
 
     python examples/eval_vote.py --model outputs/arrol/checkpoint-40 --state outputs/arrol/checkpoint-40 \
-        [--num_samples 8 --eval_size 400 --output vote.json]
+        [--num_samples 8 --eval_size 400 --calibration_prompts 100 --output vote.json]
 
 ``--model``: a trained policy folder (a checkpoint folder holds model and tokenizer); ``--state``: the checkpoint
 folder or its ``efficient_rlvr_state.pt`` written by `EfficientGRPOTrainer` with ``pruning=True`` (default: the
@@ -28,62 +31,9 @@ from typing import Any
 
 import torch
 
-from efficient_rlvr.pruning import QualityHead, majority_vote, weighted_vote
+from efficient_rlvr.pruning import QualityHead, choose_vote, majority_vote, weighted_vote
+from efficient_rlvr.pruning.diagnose import sample_candidates
 from efficient_rlvr.rewards import extract_answer, verifier_reward
-
-
-@torch.no_grad()
-def sample_candidates(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    prompts: list[Any],
-    num_samples: int,
-    max_new_tokens: int = 48,
-    seed: int = 0,
-    batch_size: int = 256,
-) -> tuple[list[list[int]], list[list[list[int]]]]:
-    """``num_samples`` sampled completions per prompt: ``(prompt_ids [N][P], completions [N][k][L])``.
-
-    Completions end at (and include) the end-of-turn token, or at ``max_new_tokens``. Left-padded batches; sampling
-    under a forked RNG seeded with ``seed`` (the caller's RNG state is untouched).
-    """
-    device = next(model.parameters()).device
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    prompt_ids = [
-        list(
-            tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-        )
-        if not isinstance(p, str)
-        else tokenizer(p, add_special_tokens=False)["input_ids"]
-        for p in prompts
-    ]
-    flat = [ids for ids in prompt_ids for _ in range(num_samples)]
-    completions: list[list[int]] = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for start in range(0, len(flat), batch_size):
-            chunk = flat[start : start + batch_size]
-            width = max(len(ids) for ids in chunk)
-            input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in chunk], device=device)  # [b, P]
-            mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk], device=device)
-            out = model.generate(
-                input_ids=input_ids,
-                attention_mask=mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=True,
-                temperature=1.0,
-                top_k=0,
-                top_p=1.0,
-                eos_token_id=eos,
-                pad_token_id=pad,
-            )  # [b, P + T]
-            for row in out[:, width:].tolist():
-                n = row.index(eos) + 1 if eos in row else len(row)
-                while eos not in row[:n] and n > 0 and row[n - 1] == pad:
-                    n -= 1
-                completions.append(row[:n])
-    grouped = [completions[i * num_samples : (i + 1) * num_samples] for i in range(len(prompt_ids))]
-    return prompt_ids, grouped
 
 
 @torch.no_grad()
@@ -121,13 +71,20 @@ def vote_accuracy(
     batch_size: int = 256,
     reward_fn: Callable[..., list[float]] = verifier_reward,
     return_details: bool = False,
+    calibration_prompts: int = 0,
 ) -> dict[str, Any]:
     """Majority vs head-weighted vote accuracy over ``dataset`` (rows with ``prompt`` and the reward's columns).
 
     Returns ``majority_accuracy``, ``weighted_accuracy``, ``sample_accuracy`` (mean reward of single samples),
     ``oracle_accuracy`` (some sample right), ``head_auc`` (scores vs sample correctness), counts and seconds; with
-    ``return_details`` also ``details``: per prompt the answers, scores and sample rewards.
+    ``return_details`` also ``details``: per prompt the answers, scores and sample rewards. With
+    ``calibration_prompts`` > 0 the first that many prompts choose the vote (``vote_used``, `choose_vote`) and the
+    other prompts report ``chosen_accuracy`` with ``majority_accuracy_rest`` / ``weighted_accuracy_rest``.
     """
+    if not 0 <= calibration_prompts < len(dataset):
+        raise ValueError(
+            f"calibration_prompts must be in [0, {len(dataset)}) (prompts left to report on), got {calibration_prompts}"
+        )
     from efficient_rlvr.pruning import roc_auc
 
     if num_samples < 1:
@@ -185,6 +142,19 @@ def vote_accuracy(
         "votes_changed": sum(m != w for m, w in zip(majority, weighted, strict=True)),
         "seconds": time.perf_counter() - start,
     }
+    if calibration_prompts:
+        c = calibration_prompts
+        used = choose_vote(maj[:c], wei[:c])
+        rest = len(rows) - c
+        result.update(
+            calibration_prompts=c,
+            vote_used=used,
+            calibration_majority_accuracy=sum(maj[:c]) / c,
+            calibration_weighted_accuracy=sum(wei[:c]) / c,
+            majority_accuracy_rest=sum(maj[c:]) / rest,
+            weighted_accuracy_rest=sum(wei[c:]) / rest,
+            chosen_accuracy=sum((wei if used == "weighted" else maj)[c:]) / rest,
+        )
     if return_details:
         result["details"] = [
             {
@@ -220,6 +190,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max_new_tokens", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument(
+        "--calibration_prompts", type=int, default=100, help="prompts that choose the vote (0: report both only)"
+    )
     parser.add_argument("--torch_threads", type=int, default=None)
     parser.add_argument("--output", default=None, help="write the result as JSON here")
     args = parser.parse_args(argv)
@@ -240,6 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
         batch_size=args.batch_size,
+        calibration_prompts=args.calibration_prompts,
     )
     result.update(model=model_path, state=args.state or model_path, eval_size=args.eval_size)
     print(
@@ -248,6 +222,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{result['oracle_accuracy']:.3f}, head AUC {result['head_auc']:.3f}, {result['votes_changed']} votes changed)",
         flush=True,
     )
+    if "vote_used" in result:
+        print(
+            f"vote used: {result['vote_used']} (on the first {result['calibration_prompts']} prompts: majority "
+            f"{result['calibration_majority_accuracy']:.3f}, weighted {result['calibration_weighted_accuracy']:.3f}); "
+            f"on the other prompts: chosen {result['chosen_accuracy']:.3f}, majority "
+            f"{result['majority_accuracy_rest']:.3f}, weighted {result['weighted_accuracy_rest']:.3f}",
+            flush=True,
+        )
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w") as f:

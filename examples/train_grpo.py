@@ -7,9 +7,11 @@ Every field of `efficient_rlvr.run.RunArguments`, `efficient_rlvr.EfficientGRPOC
 `trl.ModelConfig` is a flag. `--trainer trl` runs vanilla `trl.GRPOTrainer` on the same recipe.
 """
 
+# efficient_rlvr first: its start-up filter (TRL's known vLLM version notice) must precede TRL's vLLM imports.
+from efficient_rlvr import EfficientGRPOConfig  # isort: split
+
 from trl import ModelConfig, TrlParser
 
-from efficient_rlvr import EfficientGRPOConfig
 from efficient_rlvr.run import RunArguments, train
 
 

@@ -27,6 +27,7 @@ FULL_STACK = {
     "pruning": True,
     "pruning_l_detect": 12,
     "pruning_cold_start_steps": 1,
+    "pruning_gate_min_auc": 0.0,  # prune from step 2 whatever the head ranks (the gate has its own tests)
     "budget_baseline": True,
     "budget_adaptive": True,
     "budget_k_init": 4,

@@ -92,3 +92,73 @@ def test_concat_batches_pads_each_per_token_entry_with_its_neutral_value():
         sequence_level_keys=("importance_sampling_ratio",),
     )
     assert seq["importance_sampling_ratio"].shape == (5, 1)
+
+
+def test_pack_rows_by_length_sorts_splits_and_trims_padding_columns():
+    from efficient_rlvr.batch import pack_rows_by_length
+
+    # 4 rows, prompts left-padded to 4, completions right-padded to 6; real lengths 2+1, 4+6, 3+2, 2+5
+    prompt_mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1], [0, 0, 1, 1]])
+    completion_mask = torch.tensor([[1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
+    batch = {
+        "prompt_ids": torch.arange(16).view(4, 4),
+        "prompt_mask": prompt_mask,
+        "completion_ids": torch.arange(24).view(4, 6),
+        "completion_mask": completion_mask,
+        "old_per_token_logps": -torch.rand(4, 6),
+        "importance_sampling_ratio": torch.ones(4, 1),  # sequence-level: kept whole
+        "advantages": torch.tensor([0.5, -0.5, 1.0, -1.0]),
+        "num_items_in_batch": completion_mask.sum(),
+    }
+    short, long = pack_rows_by_length(batch, 2)
+    assert short["advantages"].tolist() == [0.5, 1.0] and long["advantages"].tolist() == [-1.0, -0.5]  # 3, 5 | 7, 10
+    assert short["prompt_ids"].shape == (2, 4) and short["completion_ids"].shape == (2, 2)  # rows 0, 2
+    assert long["prompt_ids"].shape == (2, 4) and long["completion_ids"].shape == (2, 6)  # rows 3, 1
+    torch.testing.assert_close(short["prompt_ids"], batch["prompt_ids"][[0, 2]])  # left padding kept
+    torch.testing.assert_close(short["old_per_token_logps"], batch["old_per_token_logps"][[0, 2], :2])
+    assert short["importance_sampling_ratio"].shape == (2, 1)
+    assert int(short["num_items_in_batch"]) == int(batch["num_items_in_batch"])  # the step's normaliser
+    # every real token is still there, in its row
+    assert int(short["completion_mask"].sum() + long["completion_mask"].sum()) == int(completion_mask.sum())
+    # an entry it does not know how to trim: sorted and split, not trimmed
+    other = pack_rows_by_length({**batch, "pixel_values": torch.zeros(4, 6)}, 2)
+    assert other[0]["completion_ids"].shape == (2, 6)
+
+
+def test_trimmed_micro_batch_gives_the_same_log_probs(base_model_dir):
+    """Dropping trailing padding columns leaves each real token's log-prob unchanged (a causal model)."""
+    from transformers import AutoModelForCausalLM
+
+    from efficient_rlvr.batch import pack_rows_by_length
+
+    model = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(0)
+    n, P, C = 6, 8, 10
+    prompt_len, completion_len = torch.tensor([3, 8, 5, 4, 6, 2]), torch.tensor([2, 10, 4, 9, 3, 1])
+    prompt_mask = (torch.arange(P)[None, :] >= P - prompt_len[:, None]).long()
+    completion_mask = (torch.arange(C)[None, :] < completion_len[:, None]).long()
+    batch = {
+        "prompt_ids": torch.randint(3, 60, (n, P), generator=gen) * prompt_mask,
+        "prompt_mask": prompt_mask,
+        "completion_ids": torch.randint(3, 60, (n, C), generator=gen) * completion_mask,
+        "completion_mask": completion_mask,
+        "advantages": torch.arange(n).float(),
+        "num_items_in_batch": completion_mask.sum(),
+    }
+
+    def logps(b):
+        ids = torch.cat([b["prompt_ids"], b["completion_ids"]], dim=1)
+        mask = torch.cat([b["prompt_mask"], b["completion_mask"]], dim=1)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, -b["completion_ids"].shape[1] - 1 : -1]
+        return torch.log_softmax(logits.float(), -1).gather(2, b["completion_ids"][..., None]).squeeze(2)  # [b, C']
+
+    full = logps(batch)
+    chunks = pack_rows_by_length(batch, 2)
+    assert chunks[0]["completion_ids"].shape[1] < C  # the short rows
+    for chunk in chunks:
+        rows = chunk["advantages"].long()
+        got = logps(chunk)
+        width = got.shape[1]
+        real = chunk["completion_mask"].bool()
+        torch.testing.assert_close(got[real], full[rows][:, :width][real], rtol=1e-4, atol=1e-5)

@@ -5,6 +5,7 @@ The training runs themselves are `make bench`'s job (minutes per run); here the 
 hand-made run summaries whose answers are known.
 """
 
+import json
 import math
 
 import pytest
@@ -22,17 +23,54 @@ def test_resolve_flags_expands_fractions_and_the_preset():
     assert v05[v05.index("--per_device_train_batch_size") + 1] == "64"
     full = bench.resolve_flags(RECIPE, bench.VARIANTS["efficient"])
     pairs = dict(zip(full[::2], full[1::2], strict=True))
-    assert pairs["--pruning"] == "true" and pairs["--selection_history"] == "true"
+    assert pairs["--skip_zero_advantage"] == "true" and pairs["--selection_history"] == "true"
+    assert "--pruning" not in pairs
     assert "--model_name_or_path" not in pairs  # keys equal to the recipe's are not repeated
 
 
 def test_faster_variants_run_more_steps_to_cover_vanillas_wall_clock():
     _, cmd = bench.run_command(RECIPE, "efficient", 3, "/tmp/x", ["--max_steps", "150"])
     assert "--max_steps_scale" not in cmd
-    assert cmd[cmd.index("--max_steps") + 1] == "390"
+    assert cmd[cmd.index("--max_steps") + 1] == "375"  # a cap: the time limit below ends it
+    assert "--max_train_seconds" not in cmd  # vanilla's run of the seed has not finished
     assert cmd[cmd.index("--seed") + 1] == "3"
     _, vanilla = bench.run_command(RECIPE, "trl", 3, "/tmp/x", ["--max_steps", "150"])
     assert vanilla[vanilla.index("--max_steps") + 1] == "150"
+
+
+def test_faster_variants_stop_at_vanillas_wall_clock_once_it_is_known(tmp_path):
+    (tmp_path / "trl-seed3").mkdir()
+    (tmp_path / "trl-seed3" / "summary.json").write_text(json.dumps({"train_seconds": 700.0}))
+    _, cmd = bench.run_command(RECIPE, "skip", 3, str(tmp_path), ["--max_steps", "150"])
+    assert cmd[cmd.index("--max_train_seconds") + 1] == str(round(700.0 * bench.TIME_MARGIN))
+    _, other_seed = bench.run_command(RECIPE, "skip", 4, str(tmp_path), ["--max_steps", "150"])
+    assert "--max_train_seconds" not in other_seed
+    _, vanilla = bench.run_command(RECIPE, "trl", 3, str(tmp_path), ["--max_steps", "150"])
+    assert "--max_train_seconds" not in vanilla
+
+
+def test_stop_after_seconds_ends_training_at_the_step_that_passes_the_clock():
+    from transformers import TrainerControl, TrainerState
+
+    from efficient_rlvr.reporting import MetricsRecorder, StopAfterSeconds
+
+    class Clock(MetricsRecorder):
+        now = 0.0
+
+        def training_seconds(self):
+            return self.now
+
+    recorder = Clock("/tmp/unused")
+    stop = StopAfterSeconds(recorder, 10.0)
+    control = TrainerControl()
+    recorder.now = 9.9
+    stop.on_step_end(None, TrainerState(), control)
+    assert not control.should_training_stop
+    recorder.now = 10.0
+    stop.on_step_end(None, TrainerState(), control)
+    assert control.should_training_stop
+    with pytest.raises(ValueError, match="max_train_seconds"):
+        StopAfterSeconds(recorder, 0.0)
 
 
 def test_plan_runs_whole_seeds_first_and_method_rows_on_their_seeds():
@@ -150,6 +188,22 @@ def test_paired_speedup_rollouts_and_accuracy_differences():
     assert q["rollouts_to_target_vs_vanilla"] == pytest.approx(1.0)  # same rollouts per step, same steps
     never = bench.summarize(_run("never", 0, [0.30, 0.31, 0.32, 0.33, 0.34]))
     assert bench.paired(never, vanilla, None)["speedup"][0.5] == 0.0
+
+
+def test_rollouts_to_dapos_final_accuracy_and_the_last_50_steps_gain():
+    """DAPO on its own terms: rollouts to DAPO's final smoothed accuracy over DAPO's; and is a curve flat yet."""
+    vanilla = bench.summarize(_run("trl", 0, VANILLA))
+    # smoothed: 0.30, 0.50, 0.55, 0.65, 0.70; its final 0.70 is first reached at its end (100 s, 20,000 rollouts)
+    dapo = bench.summarize(_run(bench.DAPO, 0, [0.30, 0.45, 0.55, 0.65, 0.75], rollouts=2000))
+    # smoothed ... 0.6833 at 100 s, 0.7333 at 125 s: 0.70 at 108.33 s, i.e. 10,833 rollouts at 1,000 per 10 s
+    fast = bench.summarize(_run("fast", 0, VANILLA + [0.75, 0.75, 0.75, 0.75], seconds=200.0, steps=20))
+    p = bench.paired(fast, vanilla, dapo)
+    assert p["rollouts_to_dapo_final_vs_dapo"] == pytest.approx((100 + 25 / 3) * 100 / 20000)
+    assert bench.paired(vanilla, vanilla, dapo)["rollouts_to_dapo_final_vs_dapo"] is None  # never reaches 0.70
+    assert bench.paired(fast, vanilla, None)["rollouts_to_dapo_final_vs_dapo"] is None
+    # vanilla's smoothed curve over steps 0..10: 0.65 at step 10, and 50 steps back is before the run: unknown
+    assert bench.last_gain(vanilla) is None
+    assert bench.last_gain(vanilla, steps=5) == pytest.approx(0.65 - 0.50)  # step 5 lies at the 0.50 point
 
 
 def test_gpu_projection_weights_work_ratios_by_the_published_phase_shares():

@@ -178,6 +178,7 @@ def test_pruning_dynamic_sampling_hes_and_cost_compose(base_model_dir, chain_sum
         pruning=True,
         pruning_l_detect=12,
         pruning_cold_start_steps=1,
+        pruning_gate_min_auc=0.0,
         dynamic_sampling=True,
         hes_selection=True,
         cost_aware_sampling=True,
@@ -209,7 +210,9 @@ def test_efficient_preset_and_recipe_agree(tmp_path):
     config = EfficientGRPOConfig.from_preset("efficient", **_kwargs(str(tmp_path)))
     for key, value in PRESETS["efficient"].items():
         assert getattr(config, key) == value
-    assert EfficientGRPOConfig.from_preset("efficient", pruning=False, **_kwargs(str(tmp_path))).pruning is False
+    assert EfficientGRPOConfig.from_preset("efficient", selection_history=False, **_kwargs(str(tmp_path))).methods == [
+        "skip_zero_advantage"
+    ]
     with open("examples/recipes/efficient.yaml") as f:
         recipe = yaml.safe_load(f)
     for key, value in PRESETS["efficient"].items():

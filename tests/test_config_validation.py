@@ -69,6 +69,12 @@ TABLE = [
     ),
     good("selection_adapt_warmup_steps", selection_adapt_warmup_steps=0),
     bad(
+        "selection_min_skip_lift",
+        "selection_min_skip_lift must be in [-1.0, 1.0], got 1.5",
+        selection_min_skip_lift=1.5,
+    ),
+    good("selection_min_skip_lift", selection_min_skip_lift=None),
+    bad(
         "pruning_survival_rule",
         "pruning_survival_rule must be one of ('group_relative', 'literal'), got 'greedy'",
         pruning_survival_rule="greedy",
@@ -171,6 +177,8 @@ TABLE = [
         pruning_correct_threshold=-INF,
     ),
     good("pruning_correct_threshold", pruning_correct_threshold=-1.0),
+    bad("pruning_gate_min_auc", "pruning_gate_min_auc must be in [0.0, 1.0), got 1.0", pruning_gate_min_auc=1.0),
+    good("pruning_gate_min_auc", pruning_gate_min_auc=0.0),
     # ---- cost-aware minibatch sampling
     bad("cost_alpha", "cost_alpha must be in [0.0, 1.0], got 1.5", cost_alpha=1.5),
     bad("cost_alpha", "cost_alpha must be a finite number, got 'x'", cost_alpha="x"),
@@ -358,6 +366,7 @@ TYPES = {
     "pruning_min_survivors": ("int", [-1, HUGE_INT]),
     "pruning_head_lr": ("float", [*NEG, 0.0]),  # unbounded above
     "pruning_correct_threshold": ("float", []),  # any finite reward threshold
+    "pruning_gate_min_auc": ("float", [*NEG, 1.0, HUGE_FLOAT]),
     "cost_aware_sampling": ("bool", []),
     "cost_alpha": ("float", [*NEG, HUGE_FLOAT]),
     "cost_num_draws": ("int | None", [-1, 0, HUGE_INT]),
@@ -377,6 +386,7 @@ TYPES = {
     # fields other sessions add (the rows are checked against the dataclass below)
     "pruning_survival_rule": ("str", []),
     "selection_adapt_warmup_steps": ("int | None", [-1, HUGE_INT]),
+    "selection_min_skip_lift": ("float | None", [-2.0, HUGE_FLOAT]),
 }
 WRONG_TYPES = {  # refused by every field of the type
     "bool": ["false", "true", "False", "", 0, 1, 1.0, None, [True]],

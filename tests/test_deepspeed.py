@@ -42,6 +42,7 @@ METHODS = dict(
     pruning=True,
     pruning_l_detect=8,
     pruning_cold_start_steps=1,
+    pruning_gate_min_auc=0.0,
     cost_aware_sampling=True,
     budget_baseline=True,
     hes_selection=True,

@@ -399,3 +399,66 @@ def test_realised_keep_rate_over_a_run_is_kappa(kappa, p_min, p_max):
     print(f"\nkappa {kappa}: realised keep rate {realised:.4f} over {decided} decided rollouts")
     assert abs(realised - kappa) < 0.03
     assert callback.metrics()["pruning/realised_keep_rate"] == pytest.approx(realised)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The gate (issue 13): prune only while the head ranks within groups
+def _gated_run(auc: float, steps: int = 6) -> list[dict]:
+    """``steps`` generations of 24 groups x G through a callback whose head has within-group AUC ``auc`` (identity
+    head, frozen), gate threshold 0.6 over a 2-step window, 1 cold-start step; every rollout reaches L_detect."""
+    from efficient_rlvr.pruning import HeadGate
+
+    gen = torch.Generator().manual_seed(5)
+    cal = BinnedCalibrator(kappa=KAPPA, cold_start_steps=1, buffer_size=4096)
+    gate = HeadGate(0.6, window=2, min_groups=8)
+    callback = OnlinePruningCallback(
+        QualityHeadTrainer(_identity_head(), lr=1e-12), cal, l_detect=2, min_survivors_per_group=2, rng=0, gate=gate
+    )
+    out = []
+    for step in range(steps):
+        labels, logits = _world(24, 0.5, auc, gen)
+        rows = list(logits.flatten().view(-1, 1).unbind(0))
+        result = _run(callback, _requests(24, G, tag=f"s{step}-"), [4] * labels.numel(), lambda i, n, r=rows: r[i])
+        metrics = callback.metrics()
+        out.append(
+            {
+                "pruned": sum(result.aborted),
+                "gated": metrics["pruning/gated"],
+                "all_gated": all(d.gated for d in callback.decisions),
+                "cold": not cal.ready,
+            }
+        )
+        callback.observe(labels.flatten().float().tolist(), result.request_ids)
+        out[-1]["gate_auc"] = callback.metrics()["pruning/gate_auc"]
+        out[-1]["within"] = callback.metrics()["pruning/head_within_group_auc"]
+    return out
+
+
+def test_gate_stops_pruning_with_a_head_that_does_not_rank_within_groups():
+    steps = _gated_run(auc=0.5)
+    after_cold = [s for s in steps if not s["cold"]]
+    assert len(after_cold) >= 4
+    assert all(s["pruned"] == 0 and s["gated"] == 1.0 and s["all_gated"] for s in after_cold)
+    assert all(abs(s["gate_auc"] - 0.5) < 0.1 for s in steps)  # it saw the head's within-group AUC
+
+
+def test_gate_lets_a_ranking_head_prune():
+    steps = _gated_run(auc=0.9)
+    after_cold = [s for s in steps if not s["cold"]]
+    assert all(s["pruned"] > 0 and s["gated"] == 0.0 for s in after_cold)
+    assert all(s["gate_auc"] > 0.8 for s in steps)
+
+
+def test_gate_state_round_trips_and_zero_disables_it():
+    from efficient_rlvr.pruning import HeadGate
+
+    gate = HeadGate(0.6, window=3, min_groups=2)
+    assert not gate.open  # no evidence yet
+    gate.observe(torch.tensor([0.9, 0.1, 0.8, 0.2]), torch.tensor([1, 0, 1, 0]), ["a", "a", "b", "b"])
+    assert gate.open and gate.auc == 1.0 and gate.metrics()["pruning/head_within_group_groups"] == 2.0
+    restored = HeadGate()
+    restored.load_state_dict(gate.state_dict())
+    assert restored.open and restored.auc == gate.auc and restored.state_dict() == gate.state_dict()
+    assert HeadGate(0.0).open
+    with pytest.raises(ValueError, match="min_auc"):
+        HeadGate(1.0)

@@ -48,6 +48,7 @@ def _kwargs(output_dir: str, **overrides) -> dict:
         pruning_l_detect=L_DETECT,
         pruning_cold_start_steps=COLD_START,
         pruning_min_survivors=MIN_SURVIVORS,
+        pruning_gate_min_auc=0.0,  # these tests need pruning after the cold start (the gate: test_pruning_gate.py)
         **VLLM_COLOCATE,
     )
     kwargs.update(overrides)
@@ -86,6 +87,7 @@ def run(base_model_dir, chain_sum_splits, tmp_path_factory):
         output = original(trainer_, rows, batch, rewards)
         records.append(
             {
+                "step": int(trainer_.state.global_step) + 1,  # the step this generation trains (its log's "step")
                 "cold_start": not stage.calibrator.ready,
                 "result": result,
                 "batch": before,
@@ -238,9 +240,35 @@ def test_old_logprobs_are_computed_on_survivors_only(run):
     assert stage.metrics()["pruning/logprob_rows_skipped_total"] > 0
 
 
-def test_survivor_logprob_pass_applies_only_to_its_own_no_grad_batch(run):
+def test_trl_rollout_metrics_describe_the_scored_rollouts_only(run):
+    """TRL's `reward`, `frac_reward_zero_std` and `completions/*` count the unpruned rollouts: a pruned one (cut at
+    L_detect, no EOS) is neither scored 0 nor counted as clipped; `pruning/` counts it."""
+    trainer = run["trainer"]
+    eos = {*trainer.eos_token_ids, trainer._tokenizer.pad_token_id}
+    logs = {h["step"]: h for h in trainer.state.log_history if "reward" in h}
+    checked = 0
+    for rec in run["records"]:
+        result = rec["result"]
+        if not any(result.aborted):
+            continue
+        kept = [c for c, aborted in zip(result.completion_ids, result.aborted, strict=True) if not aborted]
+        clipped = sum(c[-1] not in eos for c in kept) / len(kept)
+        log = logs[rec["step"]]
+        assert log["completions/clipped_ratio"] == pytest.approx(clipped, abs=1e-6)
+        assert log["completions/mean_length"] == pytest.approx(sum(map(len, kept)) / len(kept), abs=1e-4)
+        assert log["reward"] == pytest.approx(float(torch.nanmean(rec["rewards_after"])), abs=1e-6)
+        assert log["reward"] == pytest.approx(log["pruning/reward_kept"], abs=1e-6)
+        groups = rec["rewards_after"].view(-1, G)
+        known = ~torch.isnan(groups)
+        flat = [int(k.sum()) < 2 or len(set(g[k].tolist())) == 1 for g, k in zip(groups, known, strict=True)]
+        assert log["frac_reward_zero_std"] == pytest.approx(sum(flat) / len(flat), abs=1e-6)
+        checked += 1
+    assert checked >= 2
+
+
+def test_partial_logprob_pass_applies_only_to_its_own_no_grad_batch(run):
     """The wrapper around TRL's `_get_per_token_logps_and_entropies`, on the trained trainer's real method."""
-    from efficient_rlvr.pruning.stage import _SurvivorLogprobPass
+    from efficient_rlvr.logprobs import PartialLogprobPass
 
     trainer = run["trainer"]
     rec = run["records"][-1]
@@ -253,7 +281,7 @@ def test_survivor_logprob_pass_applies_only_to_its_own_no_grad_batch(run):
     fill = [[-float(i)] * len(c) for i, c in enumerate(completions)]
     with torch.no_grad():
         reference, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, C, batch_size=64)
-    wrapper = _SurvivorLogprobPass(trainer, completions, fill, pruned)
+    wrapper = PartialLogprobPass(trainer, completions, fill, pruned)
     try:
         with torch.no_grad():
             got, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, C, batch_size=64)
@@ -262,7 +290,8 @@ def test_survivor_logprob_pass_applies_only_to_its_own_no_grad_batch(run):
     finally:
         wrapper.remove()
     keep = torch.tensor([not p for p in pruned])
-    assert torch.allclose(got[keep], reference[keep], atol=1e-5)
+    real = batch["completion_mask"].bool()  # [N, C]: the kept rows run packed by length, 0 past their own tokens
+    assert torch.allclose(got[keep][real[keep]], reference[keep][real[keep]], atol=1e-5)
     for i in torch.nonzero(~keep).flatten().tolist():
         n = len(completions[i])
         assert got[i, :n].eq(-float(i)).all() and got[i, n:].eq(0).all()
@@ -477,9 +506,42 @@ def test_eval_vote_compares_majority_and_head_weighted_vote(run, chain_sum_split
             "2",
             "--max_new_tokens",
             "40",
+            "--calibration_prompts",
+            "4",
             "--output",
             out,
         ]
     )
     with open(out) as f:
         assert json.load(f)["weighted_accuracy"] == cli["weighted_accuracy"]
+    assert cli["vote_used"] in ("majority", "weighted") and cli["calibration_prompts"] == 4
+
+
+def test_vote_falls_back_to_majority_with_an_uninformative_head(run, chain_sum_splits):
+    """A head forced uninformative (every score equal) cannot beat the majority vote on the calibration prompts,
+    so the vote used is the majority vote and its accuracy on the other prompts is the majority vote's."""
+    sys.path.insert(0, os.path.join(REPO, "examples"))
+    try:
+        import eval_vote
+    finally:
+        sys.path.pop(0)
+    from efficient_rlvr.pruning import choose_vote
+
+    head = quality_head_from_state(run["checkpoint"])
+    with torch.no_grad():
+        for param in head.parameters():
+            param.zero_()
+    _, eval_ds = chain_sum_splits
+    model = run["trainer"].accelerator.unwrap_model(run["trainer"].model)
+    tokenizer = run["trainer"].processing_class
+    result = eval_vote.vote_accuracy(
+        model, tokenizer, head, eval_ds.select(range(12)), num_samples=4, max_new_tokens=40, calibration_prompts=6
+    )
+    assert result["vote_used"] == "majority"
+    assert result["chosen_accuracy"] == result["majority_accuracy_rest"]
+    with pytest.raises(ValueError, match="calibration_prompts"):
+        eval_vote.vote_accuracy(model, tokenizer, head, eval_ds.select(range(4)), calibration_prompts=4)
+    # the rule itself: strictly more right answers on the same prompts, else majority
+    assert choose_vote([1, 0, 1], [1, 1, 1]) == "weighted"
+    assert choose_vote([1, 0, 1], [1, 1, 0]) == "majority"
+    assert choose_vote([], []) == "majority"

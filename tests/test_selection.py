@@ -577,3 +577,50 @@ def test_prompt_key_is_stable_and_distinguishes_prompts():
     assert prompt_key("2+3?") != prompt_key("2+4?")
     assert prompt_key(chat) == prompt_key([{"content": "2+3?", "role": "user"}])  # key order does not matter
     assert prompt_key(chat) != prompt_key("2+3?")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The history skip checks that it pays (issue 15): it stands down when skip-eligible prompts are no likelier flat
+def _history_epochs(persistent: bool, epochs: int = 8, prompts: int = 64) -> HistorySampler:
+    """Epochs over `prompts` keys, G = 4. Persistent world: a prompt's class never changes (flat prompts stay flat).
+    Anti-persistent world: a flat visit is always followed by a mixed one (the history predicts the opposite)."""
+    sampler = HistorySampler(p_init=0.5, p_min=0.5, p_max=0.5, min_lift=0.0, seed=0, group_size=4)
+    gen = torch.Generator().manual_seed(0)
+    last_flat: dict[str, bool] = {}
+    for _ in range(epochs):
+        kept = sampler.select(cands(*[f"p{i}" for i in range(prompts)]))
+        keys, groups = [], []
+        for c in kept:
+            if persistent:
+                flat = int(c.key[1:]) % 2 == 0
+            else:
+                flat = not last_flat.get(c.key, False) and bool(torch.rand(1, generator=gen) < 0.5)
+            last_flat[c.key] = flat
+            keys.append(c.key)
+            groups.append([1.0, 1.0, 1.0, 1.0] if flat else [1.0, 0.0, 1.0, 0.0])
+        sampler.observe(keys, groups)
+        sampler.on_step_end()
+    return sampler
+
+
+def test_history_skip_stands_down_when_eligible_prompts_are_no_likelier_flat():
+    sampler = _history_epochs(persistent=False)
+    metrics = sampler.metrics()
+    assert metrics["selection/history/skip_precision"] == 0.0  # explored eligible prompts all came back mixed
+    assert metrics["selection/history/fresh_flat_rate"] > 0.3
+    assert sampler.standing_down and metrics["selection/history/standing_down"] == 1.0
+    before = sampler.counts()
+    kept = sampler.select(cands(*[f"p{i}" for i in range(64)]))
+    assert len(kept) == 64 and sampler.counts()["skipped_easy"] == before["skipped_easy"]  # nothing skipped
+    restored = HistorySampler(p_init=0.5, p_min=0.5, p_max=0.5, min_lift=0.0, seed=0, group_size=4)
+    restored.load_state_dict(sampler.state_dict())
+    assert restored.standing_down and restored.lift == sampler.lift
+
+
+def test_history_skip_keeps_skipping_when_it_pays():
+    sampler = _history_epochs(persistent=True)
+    metrics = sampler.metrics()
+    assert metrics["selection/history/skip_precision"] == 1.0 and metrics["selection/history/lift"] > 0.4
+    assert not sampler.standing_down and sampler.counts()["skipped_easy"] > 0
+    with pytest.raises(ValueError, match="min_lift"):
+        HistorySampler(min_lift=2.0)

@@ -8,7 +8,9 @@
 - :class:`OnlinePruningCallback`: decides each group's rollouts once they reach ``L_detect`` tokens and prunes each
   with probability ``1 - p``.
 - :class:`StepwiseRolloutEngine`: drives a colocated vLLM engine step by step, captures hidden states, aborts.
-- :func:`weighted_vote` / :func:`majority_vote`: test-time aggregation with rank weights.
+- :class:`HeadGate`: stops pruning while the head does not rank the rollouts of one prompt (within-group AUC).
+- :func:`weighted_vote` / :func:`majority_vote` / :func:`choose_vote`: test-time aggregation with rank weights, used
+  only where it beat the majority vote.
 - ``efficient_rlvr.pruning.stage.PruningStage``: all of it wired into ``EfficientGRPOTrainer`` (imported lazily: it
   needs TRL).
 
@@ -29,11 +31,19 @@ from efficient_rlvr.pruning.engine import (
     in_process_model_runner,
     sampling_params_from_trl,
 )
-from efficient_rlvr.pruning.head import QualityHead, QualityHeadTrainer, hidden_state_positions, roc_auc
-from efficient_rlvr.pruning.vote import majority_vote, rank_weights, weighted_vote
+from efficient_rlvr.pruning.gate import HeadGate
+from efficient_rlvr.pruning.head import (
+    QualityHead,
+    QualityHeadTrainer,
+    hidden_state_positions,
+    roc_auc,
+    within_group_auc,
+)
+from efficient_rlvr.pruning.vote import choose_vote, majority_vote, rank_weights, weighted_vote
 
 __all__ = [
     "BinnedCalibrator",
+    "HeadGate",
     "FinalHiddenStateHook",
     "OnlinePruningCallback",
     "PartialRollout",
@@ -45,6 +55,7 @@ __all__ = [
     "RolloutResult",
     "RolloutStep",
     "StepwiseRolloutEngine",
+    "choose_vote",
     "colocate_sampling_params",
     "hidden_state_positions",
     "in_process_model_runner",
@@ -53,4 +64,5 @@ __all__ = [
     "roc_auc",
     "sampling_params_from_trl",
     "weighted_vote",
+    "within_group_auc",
 ]

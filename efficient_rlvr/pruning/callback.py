@@ -23,6 +23,9 @@ Algorithm (ARRoL, arXiv 2603.24840, Algorithm 1 and section 4; SPEC section 2 wi
   keep rate above ``kappa`` where it binds (small groups, low ``kappa``).
 - Cold start: while ``calibrator.ready`` is false nothing is pruned (every decision is a keep); the head and the
   calibrator still learn. ``mode="random"`` keeps every decided rollout with probability ``kappa``.
+- Gate (``gate``, a :class:`~efficient_rlvr.pruning.gate.HeadGate`; ``mode="arrol"`` only): while the head's smoothed
+  within-group AUC on recent finished rollouts is below the gate's threshold, every decided rollout is kept (like
+  the cold start: ``PruneDecision.gated``, not counted in the realised keep rate) and ``pruning/gated`` is 1.
 - Rollouts decided in the same engine step are scored in one batch, in prompt order, and the uniform draws come
   from the callback's own ``torch.Generator``, so decisions are reproducible and resumable.
 
@@ -47,7 +50,8 @@ import torch
 
 from efficient_rlvr.pruning.calibration import BinnedCalibrator
 from efficient_rlvr.pruning.engine import RolloutCallback, RolloutRequest, RolloutResult, RolloutStep
-from efficient_rlvr.pruning.head import QualityHead, QualityHeadTrainer, roc_auc
+from efficient_rlvr.pruning.gate import HeadGate
+from efficient_rlvr.pruning.head import QualityHead, QualityHeadTrainer, roc_auc, within_group_auc
 
 __all__ = ["OnlinePruningCallback", "PruneDecision"]
 
@@ -60,7 +64,8 @@ class PruneDecision:
     lagging member; a pruned rollout stops there); ``score`` / ``posterior`` are its values at ``L_detect``;
     ``group_mean`` is the group's ``q_bar``; ``survival_probability`` the ``p`` the draw was compared with (1 in the
     cold start, ``kappa`` in random mode); ``arrol_probability`` the calibrated rule's ``p`` (also in the cold start
-    and in random mode, for diagnostics); ``delta`` the bisection's ``delta`` of the decision batch.
+    and in random mode, for diagnostics); ``delta`` the bisection's ``delta`` of the decision batch; ``gated``: kept
+    because the gate was closed.
     """
 
     request_id: str
@@ -77,6 +82,7 @@ class PruneDecision:
     group_mean: float = float("nan")
     arrol_probability: float = float("nan")
     delta: float = float("nan")
+    gated: bool = False
 
 
 class OnlinePruningCallback(RolloutCallback):
@@ -93,6 +99,8 @@ class OnlinePruningCallback(RolloutCallback):
             :class:`QualityHead`; a trainer brings its own).
         mode: ``"arrol"`` (survival probability from the calibrated head) or ``"random"`` (every candidate survives
             with probability ``calibrator.kappa``: the paper's random-pruning ablation; the head still learns).
+        gate: a :class:`HeadGate` that stops ``"arrol"`` pruning while the head does not rank within groups; None:
+            no gate. :meth:`learn` feeds it when given the rollouts' groups.
     """
 
     needs_hidden_states = True
@@ -106,6 +114,7 @@ class OnlinePruningCallback(RolloutCallback):
         rng: torch.Generator | int | None = None,
         reward_threshold: float = 0.5,
         mode: str = "arrol",
+        gate: HeadGate | None = None,
     ):
         if isinstance(head, QualityHeadTrainer):
             self.trainer: QualityHeadTrainer | None = head
@@ -132,6 +141,7 @@ class OnlinePruningCallback(RolloutCallback):
         if mode not in ("arrol", "random"):
             raise ValueError(f"mode must be 'arrol' or 'random', got {mode!r}")
         self.mode = mode
+        self.gate = gate if gate is not None else HeadGate(0.0)
         self.calibrator = calibrator
         self.l_detect = l_detect
         self.min_survivors_per_group = min_survivors_per_group
@@ -161,6 +171,7 @@ class OnlinePruningCallback(RolloutCallback):
         self._waiting: dict[Hashable, list[str]] = {}  # group -> rollouts at L_detect, not decided, still running
         self._q: dict[str, float] = {}  # request id -> q entering its group's mean
         self._deltas: list[tuple[float, int]] = []  # (delta, rollouts) of each decision batch
+        self._gated = False  # the gate was closed for this generation
 
     @property
     def decisions(self) -> list[PruneDecision]:
@@ -181,6 +192,7 @@ class OnlinePruningCallback(RolloutCallback):
             self._alive[request.group_id] = self._alive.get(request.group_id, 0) + 1
         for members in self._members.values():
             members.sort(key=lambda rid: self._requests[rid].index)
+        self._gated = self.mode == "arrol" and self.calibrator.ready and not self.gate.open
 
     def on_step(self, step: RolloutStep) -> list[str]:
         """Record hidden states, decide the groups whose running rollouts reached ``L_detect``; return ids to abort."""
@@ -241,7 +253,8 @@ class OnlinePruningCallback(RolloutCallback):
         group_means = torch.tensor([mean_of[self._requests[rid].group_id] for rid in candidates])  # [M]
         arrol, delta = self.calibrator.solve_survival(scores, group_means)  # [M]
         cold = not self.calibrator.ready
-        if cold:
+        gated = self._gated and not cold
+        if cold or gated:
             survival = torch.ones_like(scores)
         elif self.mode == "random":
             survival = torch.full_like(scores, self.calibrator.kappa)
@@ -258,7 +271,7 @@ class OnlinePruningCallback(RolloutCallback):
             if prune:
                 self._alive[request.group_id] -= 1
                 to_abort.append(rid)
-            if not cold:
+            if not cold and not gated:
                 self.total_decided += 1
                 self.total_decided_kept += int(not prune)
             self._decisions[rid] = PruneDecision(
@@ -276,6 +289,7 @@ class OnlinePruningCallback(RolloutCallback):
                 group_mean=float(group_means[j]),
                 arrol_probability=float(arrol[j]),
                 delta=float(delta),
+                gated=gated,
             )
         return to_abort
 
@@ -288,6 +302,7 @@ class OnlinePruningCallback(RolloutCallback):
     def on_generation_end(self, result: RolloutResult) -> None:
         """Summarise the generation into ``pruning/`` metrics."""
         self.num_generations += 1
+        self.gate.count_generation(self._gated)
         decisions = list(self._decisions.values())
         pruned = [d for d in decisions if d.pruned]
         num = len(result.request_ids)
@@ -316,6 +331,7 @@ class OnlinePruningCallback(RolloutCallback):
             "pruning/callback_seconds": float(result.callback_seconds),
             "pruning/generation_seconds": float(result.seconds),
             "pruning/cold_start": float(not self.calibrator.ready),
+            "pruning/gated": float(self._gated),
         }
 
     def _tokens_not_generated(self, decisions: list[PruneDecision], lengths: Mapping[str, int]) -> float:
@@ -373,6 +389,10 @@ class OnlinePruningCallback(RolloutCallback):
         values = torch.tensor([float(rewards[rid]) for rid in ids], dtype=torch.float32)  # [N]
         return ids, detect, last, values
 
+    def group_ids(self, request_ids: Sequence[str]) -> list[Hashable]:
+        """The group of each of these requests of the last generation."""
+        return [self._requests[rid].group_id for rid in request_ids]
+
     def reached_detect(self, request_ids: Sequence[str]) -> torch.Tensor:
         """``[N]`` bool: which of these finished rollouts of the last generation have ``len >= L_detect``."""
         return torch.tensor([self._lengths[rid] >= self.l_detect for rid in request_ids], dtype=torch.bool)
@@ -389,7 +409,7 @@ class OnlinePruningCallback(RolloutCallback):
         if self.trainer is None:
             raise RuntimeError("observe() trains the head: construct the callback with a QualityHeadTrainer")
         ids, detect, last, values = self.training_batch(rewards, request_ids)
-        return self.learn(detect, last, values, calibrate=self.reached_detect(ids))
+        return self.learn(detect, last, values, calibrate=self.reached_detect(ids), groups=self.group_ids(ids))
 
     def learn(
         self,
@@ -397,6 +417,7 @@ class OnlinePruningCallback(RolloutCallback):
         last_states: torch.Tensor,
         rewards: torch.Tensor,
         calibrate: torch.Tensor | None = None,
+        groups: Sequence[Hashable] | torch.Tensor | None = None,
     ) -> dict[str, float]:
         """Learn from given finished rollouts (e.g. gathered from every process): head step, buffer, refit.
 
@@ -406,6 +427,9 @@ class OnlinePruningCallback(RolloutCallback):
             rewards: ``[N]`` rewards (labels are ``reward > reward_threshold``).
             calibrate: ``[N]`` bool, the rows that enter the calibrator's buffer: the rollouts that reached
                 ``L_detect`` (:meth:`reached_detect`). None: every row (only when all of them reached it).
+            groups: ``[N]`` group ids (global): the within-group AUC of the ``calibrate`` rows' out-of-sample scores
+                feeds the gate and ``pruning/head_within_group_auc``; the same at the last token is logged as
+                ``pruning/head_within_group_auc_last``. None: neither.
 
         The head trains on every row. The detect-position scores under the head *before* this update (out of
         sample) and the labels of the ``calibrate`` rows go to the calibrator; the scores and labels of all rows are
@@ -420,6 +444,7 @@ class OnlinePruningCallback(RolloutCallback):
         self.last_labels = torch.zeros(0)
         if values.numel():
             scores = self.head.score(detect_states).cpu()  # [N], before the update
+            last_scores = self.head.score(last_states).cpu() if groups is not None else None  # [N]
             labels = self.trainer.labels(values)  # [N]
             metrics.update(self.trainer.observe(detect_states, last_states, values))
             metrics["pruning/head_auc"] = roc_auc(scores, labels)
@@ -431,6 +456,14 @@ class OnlinePruningCallback(RolloutCallback):
             metrics["pruning/calibration_examples"] = float(mask.sum())
             self.calibrator.observe(scores[mask], labels[mask])
             self.last_scores, self.last_labels = scores, labels
+            if groups is not None:
+                keys = groups.reshape(-1).tolist() if isinstance(groups, torch.Tensor) else list(groups)
+                if len(keys) != values.numel():
+                    raise ValueError(f"groups must have {values.numel()} entries, got {len(keys)}")
+                chosen = [k for k, m in zip(keys, mask.tolist(), strict=True) if m]
+                self.gate.observe(scores[mask], labels[mask], chosen)
+                metrics.update(self.gate.metrics())
+                metrics["pruning/head_within_group_auc_last"] = within_group_auc(last_scores, labels, keys)[0]
         self.calibrator.refit()
         self.num_observed_steps += 1
         metrics.update(self.calibrator.metrics())
@@ -449,6 +482,7 @@ class OnlinePruningCallback(RolloutCallback):
             ),
         }
         out.update(self.calibrator.metrics())
+        out.update({k: v for k, v in self.gate.metrics().items() if k.startswith("pruning/gate")})
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -468,6 +502,7 @@ class OnlinePruningCallback(RolloutCallback):
             "total_decided_kept": self.total_decided_kept,
             "head": self.trainer.state_dict() if self.trainer is not None else copy.deepcopy(self.head.state_dict()),
             "calibrator": self.calibrator.state_dict(),
+            "gate": self.gate.state_dict(),
             "last_decisions": [asdict(d) for d in self._decisions.values()],
         }
 
@@ -487,4 +522,6 @@ class OnlinePruningCallback(RolloutCallback):
         else:
             self.head.load_state_dict(state["head"])
         self.calibrator.load_state_dict(state["calibrator"])
+        if "gate" in state:  # checkpoints before the gate have none
+            self.gate.load_state_dict(state["gate"])
         self._reset_generation()

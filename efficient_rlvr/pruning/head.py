@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["QualityHead", "QualityHeadTrainer", "hidden_state_positions", "roc_auc"]
+__all__ = ["QualityHead", "QualityHeadTrainer", "hidden_state_positions", "roc_auc", "within_group_auc"]
 
 
 def hidden_state_positions(prompt_len: int, completion_len: int, l_detect: int) -> tuple[int, int]:
@@ -67,6 +67,46 @@ def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     ranks[order] = mean_rank[inverse]
     u = ranks[y].sum().item() - n_pos * (n_pos + 1) / 2
     return u / (n_pos * n_neg)
+
+
+def within_group_auc(
+    scores: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | list
+) -> tuple[float, float, int, list[float]]:
+    """ROC AUC of ``scores`` among the rollouts of the same prompt: the mean over groups with both labels.
+
+    A head that only knows prompt difficulty (which prompts are easy) scores ~0.5 here, however high its overall AUC.
+
+    Args:
+        scores: ``[N]`` scores (only their order within a group matters).
+        labels: ``[N]`` binary labels.
+        groups: ``[N]`` group ids (any hashable values), e.g. the prompt of each rollout.
+
+    Returns:
+        ``(mean, standard error over groups, number of mixed groups, per-group AUCs)``; NaN mean (and SE) without a
+        mixed group, NaN SE with one.
+    """
+    s = torch.as_tensor(scores).detach().reshape(-1).to("cpu", torch.float64)
+    y = torch.as_tensor(labels).detach().reshape(-1).to("cpu").bool()
+    keys = groups.reshape(-1).tolist() if isinstance(groups, torch.Tensor) else list(groups)
+    if not s.numel() == y.numel() == len(keys):
+        raise ValueError(
+            f"scores, labels and groups must have the same length, got {s.numel()}, {y.numel()}, {len(keys)}"
+        )
+    members: dict[Any, list[int]] = {}
+    for i, key in enumerate(keys):
+        members.setdefault(key, []).append(i)
+    per_group = []
+    for rows in members.values():
+        index = torch.tensor(rows)
+        auc = roc_auc(s[index], y[index])
+        if auc == auc:  # both labels present
+            per_group.append(auc)
+    n = len(per_group)
+    if n == 0:
+        return float("nan"), float("nan"), 0, []
+    mean = sum(per_group) / n
+    se = (sum((a - mean) ** 2 for a in per_group) / (n - 1) / n) ** 0.5 if n > 1 else float("nan")
+    return mean, se, n, per_group
 
 
 class QualityHead(nn.Module):

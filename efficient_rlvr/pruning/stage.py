@@ -20,13 +20,12 @@ mode) and its first batch stage (`process`). One step:
    keeps every decided rollout with probability ``kappa`` instead (the paper's random-pruning baseline; the head
    still learns).
 2. Old log-probs. TRL computes them in `_generate_and_score_completions` before any batch stage runs. After a
-   generation with pruned rows, `generate` temporarily wraps ``trainer._get_per_token_logps_and_entropies`` so that
-   a no-grad call on exactly this generation's rows (checked token by token) runs the model on the surviving rows
-   only; the pruned rows get their vLLM sampling log-probs as "old" log-probs (importance ratio exactly 1) and zero
-   entropies. The wrapper is removed in `process` (or at the next `generate`), so the loss never sees it, and any
-   other call (with grad, other rows, multimodal inputs) goes to the original. Why this is safe: the filled values
-   only reach rows that `process` drops before the loss; TRL's logged IS metrics include the pruned tokens with a
-   difference of 0 unless ``mask_truncated_completions`` already masks them (pruned rows have no EOS).
+   generation with pruned rows, `generate` installs `efficient_rlvr.logprobs.PartialLogprobPass`: the no-grad pass
+   over exactly this generation's rows runs the model on the surviving rows only; the pruned rows get their vLLM
+   sampling log-probs as "old" log-probs (importance ratio exactly 1). The wrapper is removed in `process` (or at the
+   next `generate`), so the loss never sees it. The filled values only reach rows that `process` drops before the
+   loss; TRL's logged IS metrics include the pruned tokens with a difference of 0 unless
+   ``mask_truncated_completions`` already masks them (pruned rows have no EOS).
 3. Batch stage (`process`). The pruned flags of all processes are gathered; the pruned entries of the shared
    ``rewards`` tensor (and of the trainer's per-function rewards) are set to NaN in place; the advantages of the
    global batch are recomputed over the survivors with TRL's ``scale_rewards`` / ``multi_objective_aggregation``
@@ -35,9 +34,10 @@ mode) and its first batch stage (`process`). One step:
    `efficient_rlvr.batch.keep_rows` (``num_items_in_batch`` recounted globally; `keep_rows` gives every process the
    same row count, topped up with inert rows, because TRL's loss all-gathers per-sequence metrics). The kept rows
    carry ``rollout_rewards`` / ``rollout_groups`` (as V0.5's stage does) so that HES can still find its groups.
-   TRL's own logged ``reward``, ``frac_reward_zero_std`` and ``completions/*`` are computed before this stage and
-   include the pruned rollouts (cut at L_detect, usually without an answer, so scored 0; counted as clipped);
-   ``pruning/reward_kept`` is the mean reward of the rollouts trained on.
+   TRL's own logged ``reward``, ``reward_std``, ``frac_reward_zero_std``, ``rewards/*`` and ``completions/*`` are
+   computed before this stage over every rollout (a pruned one, cut at L_detect, scored 0 and counted as clipped);
+   this stage replaces them with the same statistics over the unpruned rollouts (`describe_scored_rollouts`), so
+   logs, trackers and plots describe the rollouts that were scored; pruned ones are counted under ``pruning/``.
 4. Learning (`on_step_end`, after every optimizer step). The finished rollouts' detect-position and last-token hidden
    states (recorded during generation, no extra forward) and rewards are gathered from every process in `process`;
    after the optimizer step the head takes one BCE/Adam step on them (labels ``reward > pruning_correct_threshold``),
@@ -93,10 +93,12 @@ from typing import Any
 
 import torch
 
-from ..batch import ROLLOUT_GROUPS, ROLLOUT_REWARDS, keep_rows, local_row_count
+from ..batch import ROLLOUT_GROUPS, ROLLOUT_REWARDS, keep_rows, local_row_count, zero_variance_share
+from ..logprobs import PartialLogprobPass, partial_pass_allowed
 from .calibration import BinnedCalibrator
 from .callback import OnlinePruningCallback
 from .engine import RolloutResult, StepwiseRolloutEngine, in_process_model_runner, sampling_params_from_trl
+from .gate import HeadGate
 from .head import QualityHead, QualityHeadTrainer
 
 __all__ = ["PruningStage", "quality_head_from_state", "survivor_advantages"]
@@ -108,8 +110,9 @@ HEAD_UPDATES_PER_STEP = 1
 CALIBRATION_ALPHA = 1.0
 # Diagnostics kept in memory (not checkpointed): the last generations' decisions and the head's out-of-sample scores.
 HISTORY_LENGTH = 64
-
-_LOGPS_METHOD = "_get_per_token_logps_and_entropies"
+# The gate's smoothing: mixed groups of the last GATE_WINDOW steps, at least GATE_MIN_GROUPS of them (gate.py).
+GATE_WINDOW = 10
+GATE_MIN_GROUPS = 8
 
 
 def survivor_advantages(
@@ -186,6 +189,60 @@ def survivor_advantages(
     return rewards, advantages
 
 
+def describe_scored_rollouts(
+    trainer: Any,
+    rewards: torch.Tensor,
+    per_func: torch.Tensor,
+    pruned: torch.Tensor,
+    lengths: torch.Tensor,
+    truncated: torch.Tensor,
+) -> None:
+    """Make TRL's logged rollout metrics of this generation describe the scored (unpruned) rollouts only.
+
+    TRL 1.16 appends ``reward``, ``reward_std``, ``frac_reward_zero_std``, ``rewards/<func>/{mean,std}`` and
+    ``completions/*`` for the generation batch before any batch stage runs, counting a pruned rollout (cut at
+    L_detect, usually without an answer) as scored and as truncated. Their last entries are replaced by the same
+    statistics over the unpruned rollouts; the pruned ones are counted under ``pruning/``.
+
+    Args:
+        trainer: the trainer whose ``_metrics["train"]`` holds this generation's entries last.
+        rewards: ``[N_global]`` total rewards, NaN where pruned or unscorable.
+        per_func: ``[N_global, F]`` rewards per function, NaN where pruned (or ``rewards`` as ``[N, 1]``).
+        pruned: ``[N_global]`` bool.
+        lengths: ``[N_global]`` completion lengths in tokens.
+        truncated: ``[N_global]`` bool, True where the completion has no EOS (as TRL counts ``clipped_ratio``).
+    """
+    from trl.trainer.utils import nanstd
+
+    metrics = trainer._metrics["train"]
+
+    def replace(key: str, value: float) -> None:
+        if metrics.get(key):
+            metrics[key][-1] = value
+
+    rewards = rewards.detach().float().cpu()
+    replace("reward", float(torch.nanmean(rewards)))
+    replace("reward_std", float(nanstd(rewards)))
+    replace("frac_reward_zero_std", zero_variance_share(rewards, trainer.num_generations))
+    per_func = per_func.detach().float().cpu().reshape(rewards.numel(), -1)  # [N, F]
+    for i, name in enumerate(getattr(trainer, "reward_func_names", [])[: per_func.shape[1]]):
+        replace(f"rewards/{name}/mean", float(torch.nanmean(per_func[:, i])))
+        replace(f"rewards/{name}/std", float(nanstd(per_func[:, i])))
+    kept = ~pruned.cpu()
+    kept_lengths, kept_truncated = lengths.cpu()[kept].float(), truncated.cpu()[kept]
+    if kept_lengths.numel() == 0:
+        return
+    replace("completions/mean_length", float(kept_lengths.mean()))
+    replace("completions/min_length", float(kept_lengths.min()))
+    replace("completions/max_length", float(kept_lengths.max()))
+    replace("completions/clipped_ratio", float(kept_truncated.float().mean()))
+    terminated = kept_lengths[~kept_truncated]
+    terminated = terminated if terminated.numel() else torch.zeros(1)  # TRL's convention for none terminated
+    replace("completions/mean_terminated_length", float(terminated.mean()))
+    replace("completions/min_terminated_length", float(terminated.min()))
+    replace("completions/max_terminated_length", float(terminated.max()))
+
+
 def quality_head_from_state(state: dict[str, Any] | str, device: str | torch.device = "cpu") -> QualityHead:
     """The trained :class:`QualityHead` from a `PruningStage` state, or from a checkpoint folder / state file.
 
@@ -204,80 +261,6 @@ def quality_head_from_state(state: dict[str, Any] | str, device: str | torch.dev
     head = QualityHead(int(first.shape[1]), int(last.shape[1]))
     head.load_state_dict(weights)
     return head.to(device).eval()
-
-
-class _SurvivorLogprobPass:
-    """Wraps ``trainer._get_per_token_logps_and_entropies`` so a generation batch's pass runs on survivors only.
-
-    Applies only to no-grad calls whose rows are exactly the generation's rollouts (same count, same completion
-    tokens) and that carry no multimodal inputs; everything else goes to the original unchanged. Pruned rows get
-    ``fill_logps`` (their sampling log-probs) and zero entropies.
-    """
-
-    def __init__(
-        self, trainer: Any, completion_ids: list[list[int]], fill_logps: list[list[float]], pruned: list[bool]
-    ):
-        self.trainer = trainer
-        self.completion_ids = completion_ids
-        self.fill_logps = fill_logps
-        self.pruned = torch.tensor(pruned, dtype=torch.bool)  # [N]
-        self.rows_skipped = 0
-        self.calls = 0
-        self._had_attribute = _LOGPS_METHOD in vars(trainer)
-        self._saved = vars(trainer).get(_LOGPS_METHOD)
-        self._original = getattr(trainer, _LOGPS_METHOD)
-        setattr(trainer, _LOGPS_METHOD, self)
-
-    def remove(self) -> None:
-        """Restore the trainer's method exactly as it was."""
-        if self._had_attribute:
-            setattr(self.trainer, _LOGPS_METHOD, self._saved)
-        elif _LOGPS_METHOD in vars(self.trainer):
-            delattr(self.trainer, _LOGPS_METHOD)
-
-    def _matches(self, input_ids: torch.Tensor, logits_to_keep: int, extra: dict[str, Any]) -> bool:
-        if torch.is_grad_enabled() or any(v is not None for v in extra.values()):
-            return False
-        n = len(self.completion_ids)
-        if input_ids.dim() != 2 or input_ids.shape[0] != n or logits_to_keep > input_ids.shape[1]:
-            return False
-        if any(len(c) > logits_to_keep for c in self.completion_ids):
-            return False
-        tail = input_ids[:, input_ids.shape[1] - logits_to_keep :].cpu()  # [N, C]
-        return all(tail[i, : len(c)].tolist() == list(c) for i, c in enumerate(self.completion_ids))
-
-    def __call__(
-        self,
-        model: Any,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        logits_to_keep: int,
-        batch_size: int | None = None,
-        compute_entropy: bool = False,
-        compute_aux_loss: bool = False,
-        **extra: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        kwargs = {"batch_size": batch_size, "compute_entropy": compute_entropy, "compute_aux_loss": compute_aux_loss}
-        if bool(self.pruned.all()) or not self._matches(input_ids, logits_to_keep, extra):
-            return self._original(model, input_ids, attention_mask, logits_to_keep, **kwargs, **extra)
-        kept = torch.nonzero(~self.pruned).flatten().to(input_ids.device)  # [K]
-        logps, entropies, aux = self._original(
-            model, input_ids[kept], attention_mask[kept], logits_to_keep, **kwargs, **extra
-        )  # [K, C]
-        n = input_ids.shape[0]
-        full = torch.zeros(n, logits_to_keep, dtype=logps.dtype)  # [N, C]
-        for i in torch.nonzero(self.pruned).flatten().tolist():
-            row = self.fill_logps[i][:logits_to_keep]
-            full[i, : len(row)] = torch.tensor(row, dtype=logps.dtype)
-        full = full.to(logps.device)
-        full[kept] = logps
-        full_entropies = None
-        if entropies is not None:
-            full_entropies = torch.zeros(n, logits_to_keep, dtype=entropies.dtype, device=entropies.device)
-            full_entropies[kept] = entropies
-        self.rows_skipped += int(self.pruned.sum())
-        self.calls += 1
-        return full, full_entropies, aux
 
 
 class PruningStage:
@@ -363,13 +346,15 @@ class PruningStage:
             rng=self.seed,
             reward_threshold=self.correct_threshold,
             mode=args.pruning_mode,
+            gate=HeadGate(float(args.pruning_gate_min_auc), window=GATE_WINDOW, min_groups=GATE_MIN_GROUPS),
         )
         self.generation_calls = 0
         self.last_result: RolloutResult | None = None
         self._pending_key: tuple[int, int] | None = None
         self._processed_key: tuple[int, int] | None = None
-        self._learning: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self._logprob_pass: _SurvivorLogprobPass | None = None
+        # per generation: (detect states, last states, rewards, reached L_detect, global group ids)
+        self._learning: list[tuple[torch.Tensor, ...]] = []
+        self._logprob_pass: PartialLogprobPass | None = None
         self._step_metrics: dict[str, float] = {}
         self._head_metrics: dict[str, float] = {}
         self._totals = {
@@ -434,17 +419,19 @@ class PruningStage:
         result = self.rollout(trainer, prompt_ids, num_generations)
         self._pending_key = key
         logprobs = None if result.logprobs is None else [[lp[0] for lp in seq] for seq in result.logprobs]
-        if any(result.aborted):
+        if any(result.aborted) and partial_pass_allowed(trainer):
             fill = logprobs or [[0.0] * len(c) for c in result.completion_ids]
             fill = [[math.nan if x is None else float(x) for x in row] for row in fill]
-            self._logprob_pass = _SurvivorLogprobPass(trainer, result.completion_ids, fill, result.aborted)
+            self._logprob_pass = PartialLogprobPass(trainer, result.completion_ids, fill, result.aborted)
         return [list(c) for c in result.completion_ids], logprobs
 
     def _release_logprob_pass(self) -> None:
         if self._logprob_pass is not None:
             self._logprob_pass.remove()
-            self._totals["logprob_rows_skipped"] += self._logprob_pass.rows_skipped
-            self._step_metrics["pruning/logprob_rows_skipped"] = float(self._logprob_pass.rows_skipped)
+            # its own rows only: the zero-advantage skip may have added rows to the same pass (cost/skip.py)
+            skipped = sum(self.last_result.aborted) if self._logprob_pass.calls and self.last_result else 0
+            self._totals["logprob_rows_skipped"] += skipped
+            self._step_metrics["pruning/logprob_rows_skipped"] = float(skipped)
             self._logprob_pass = None
 
     # ------------------------------------------------------------------------------------------------------------
@@ -480,11 +467,15 @@ class PruningStage:
             ],
             dtype=torch.float64,
         )
-        width = n + stats.numel()
-        local = torch.cat([pruned_local.to(torch.float64), stats]).to(device)  # [n + 6]
-        gathered = accelerator.gather(local).cpu().view(-1, width)  # [P, n + 6]
-        pruned = gathered[:, :n].reshape(-1).bool()  # [N_global]
-        kept_counts, saved, generated, skipped, num_decided, num_decided_kept = gathered[:, n:].unbind(dim=1)  # [P]
+        eos_and_pad = {*trainer.eos_token_ids, trainer._tokenizer.pad_token_id}
+        truncated_local = torch.tensor([not c or c[-1] not in eos_and_pad for c in result.completion_ids])  # [n]
+        rows_local = torch.stack([pruned_local, torch.tensor(lengths), truncated_local]).to(torch.float64)  # [3, n]
+        width = 3 * n + stats.numel()
+        local = torch.cat([rows_local.reshape(-1), stats]).to(device)  # [3n + 6]
+        gathered = accelerator.gather(local).cpu().view(-1, width)  # [P, 3n + 6]
+        per_row = gathered[:, : 3 * n].view(-1, 3, n).transpose(0, 1).reshape(3, -1)  # [3, N_global]
+        pruned, lengths_global, truncated = per_row[0].bool(), per_row[1], per_row[2].bool()
+        kept_counts, saved, generated, skipped, num_decided, num_decided_kept = gathered[:, 3 * n :].unbind(dim=1)
         self._totals["decided"] += int(num_decided.sum())
         self._totals["decided_kept"] += int(num_decided_kept.sum())
         self._step_metrics["pruning/realised_keep_rate_step"] = (
@@ -511,6 +502,7 @@ class PruningStage:
         rewards[pruned.to(rewards.device)] = torch.nan
         if per_func is not rewards and per_func.dim() == 2:
             per_func[pruned.to(per_func.device)] = torch.nan
+        describe_scored_rollouts(trainer, rewards, per_func, pruned, lengths_global, truncated)
         rows_slice = slice(rank * n, (rank + 1) * n)
         out = dict(batch)
         out["advantages"] = advantages[rows_slice].to(
@@ -525,15 +517,13 @@ class PruningStage:
         local_rewards = rewards.detach()[rows_slice].float().cpu().tolist()
         ids, detect, last, values = self.callback.training_batch(local_rewards, result.request_ids)
         calibrate = self.callback.reached_detect(ids)
+        groups = torch.tensor(self.callback.group_ids(ids), dtype=torch.long)  # [n_finished] global group ids
         if accelerator.num_processes > 1:
             from accelerate.utils import gather_object
 
-            parts = gather_object([(detect.cpu(), last.cpu(), values.cpu(), calibrate)])
-            detect = torch.cat([p[0] for p in parts])
-            last = torch.cat([p[1] for p in parts])
-            values = torch.cat([p[2] for p in parts])
-            calibrate = torch.cat([p[3] for p in parts])
-        self._learning.append((detect, last, values, calibrate))
+            parts = gather_object([(detect.cpu(), last.cpu(), values.cpu(), calibrate, groups)])
+            detect, last, values, calibrate, groups = (torch.cat([p[k] for p in parts]) for k in range(5))
+        self._learning.append((detect, last, values, calibrate, groups))
 
         self._processed_key, self._pending_key = self._pending_key, None
         self._record(trainer, result, rewards.detach().float().cpu(), pruned, saved, generated, skipped, kept_counts)
@@ -616,12 +606,9 @@ class PruningStage:
         """Train the head on the gathered finished rollouts, fill the buffer and refit (or only refit)."""
         start = time.perf_counter()
         if self._learning:
-            detect = torch.cat([d for d, _, _, _ in self._learning])
-            last = torch.cat([x for _, x, _, _ in self._learning])
-            values = torch.cat([v for _, _, v, _ in self._learning])
-            calibrate = torch.cat([c for _, _, _, c in self._learning])
+            detect, last, values, calibrate, groups = (torch.cat(parts) for parts in zip(*self._learning, strict=True))
             self._learning.clear()
-            self._head_metrics = self.callback.learn(detect, last, values, calibrate=calibrate)
+            self._head_metrics = self.callback.learn(detect, last, values, calibrate=calibrate, groups=groups)
             if trainer.accelerator.num_processes > 1:
                 from accelerate.utils import broadcast
 
@@ -683,9 +670,11 @@ class PruningStage:
         self._learning = []
         for entry in state.get("learning", []):
             detect, last, values = (t.clone() for t in entry[:3])
-            # checkpoints from before the calibration mask: every row enters the buffer
+            # checkpoints from before the calibration mask: every row enters the buffer; before the gate: no groups
+            # (each rollout its own group: no within-group pair, so the gate learns nothing from them)
             calibrate = entry[3].clone() if len(entry) > 3 else torch.ones(values.numel(), dtype=torch.bool)
-            self._learning.append((detect, last, values, calibrate))
+            groups = entry[4].clone() if len(entry) > 4 else -1 - torch.arange(values.numel())
+            self._learning.append((detect, last, values, calibrate, groups))
         self._totals.update(state.get("totals", {}))
         self._head_metrics = dict(state.get("head_metrics", {}))
         self.last_result = None

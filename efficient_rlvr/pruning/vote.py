@@ -4,6 +4,9 @@
 - :func:`weighted_vote`: each candidate votes for its answer with a weight from its quality-head score. Scores are
   uncalibrated, so they are turned into ranks and the ranks rescaled linearly to [0, 1]: the lowest-scored candidate
   gets weight 0, the highest weight 1. The answer with the largest total weight wins.
+- :func:`choose_vote`: the weighted vote only where it beat the majority vote on recent data (e.g. held-out prompts
+  set aside for it); otherwise the majority vote. A head that does not rank the candidates of one prompt makes the
+  weighted vote worse than the majority vote (measured: 0.438 vs 0.557 on the embedded task), so it must earn its use.
 
 Choices where the paper is silent: candidates whose answer is ``None`` (nothing parsable) do not vote and are left
 out of the ranking; tied scores share their average rank; if every voting candidate has the same score, all get
@@ -18,7 +21,7 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
-__all__ = ["majority_vote", "rank_weights", "weighted_vote"]
+__all__ = ["choose_vote", "majority_vote", "rank_weights", "weighted_vote"]
 
 
 def rank_weights(scores: Sequence[float] | torch.Tensor) -> list[float]:
@@ -82,3 +85,14 @@ def weighted_vote(answers: Sequence[Hashable | None], scores: Sequence[float] | 
         counts[answer] = counts.get(answer, 0) + 1
         first.setdefault(answer, i)
     return _best(totals, counts, first)
+
+
+def choose_vote(majority_correct: Sequence[float], weighted_correct: Sequence[float]) -> str:
+    """``"weighted"`` if the head-weighted vote was right more often than the majority vote on the same recent
+    prompts (``1.0`` / ``0.0`` per prompt), else ``"majority"`` (ties and no data included)."""
+    if len(majority_correct) != len(weighted_correct):
+        raise ValueError(
+            f"majority_correct and weighted_correct must cover the same prompts, got {len(majority_correct)} and "
+            f"{len(weighted_correct)}"
+        )
+    return "weighted" if sum(weighted_correct) > sum(majority_correct) else "majority"

@@ -26,6 +26,14 @@ target_zero_variance * easy_target_share and target_hard = target_zero_variance 
 0.25*2/3 by default): p -= p_step if ratio >= target else p += p_step, clamped to [p_min, p_max]. Lowering p skips
 more.
 
+Standing down (not in GRESO; `min_lift`): the rule pays only if the prompts it would skip are likelier to come back
+flat than prompts without a record. Eligible candidates that were kept anyway (explored, skip probability > 0) are
+the rule's own test: the share of them whose next known visit is again easy or hard is its precision; the share of
+flat visits among prompts without a record (unseen or last mixed) is the base rate. Once `MIN_PROBES` explored
+visits were observed and precision - base rate <= `min_lift`, the sampler stops skipping (every candidate is kept,
+`standing_down` = 1 in the metrics) until the measured lift exceeds `min_lift` again; both rates are cumulative over
+the run. `min_lift=None` never stands down.
+
 When adaptation starts (SPEC correction): GRESO adapts p only from its second epoch on, when skips become possible;
 adapting during the first pass would walk both p to a clamp before any prompt is revisited. So p adapts only once
 revisits happen. `adapt_warmup_steps=None` (the default): from the first step at which a revisited prompt is drawn,
@@ -67,6 +75,7 @@ from .base import Candidate, RewardGroups, Selector, iter_group_entries
 
 MIXED, EASY, HARD = 0, 1, 2
 _COUNTERS = ("candidates", "kept", "skipped_easy", "skipped_hard")
+MIN_PROBES = 32  # explored eligible visits before the sampler may stand down
 
 
 class HistorySampler(Selector):
@@ -88,6 +97,8 @@ class HistorySampler(Selector):
             Also bounds the keys remembered to detect the first revisit.
         group_size: rollouts per complete group (G), >= 1; a group with fewer entries has unknown rewards. None =
             every entry a group has counts as its full size (unknown rewards are then marked `None` / NaN only).
+        min_lift: stop skipping while the rule's measured precision exceeds the base rate of flat visits by no more
+            than this (module docstring), in [-1, 1]; None = never stand down.
     """
 
     def __init__(
@@ -106,6 +117,7 @@ class HistorySampler(Selector):
         seed: int = 0,
         max_records: int | None = None,
         group_size: int | None = None,
+        min_lift: float | None = None,
     ):
         if not hard_threshold < easy_threshold:
             raise ValueError(
@@ -136,6 +148,9 @@ class HistorySampler(Selector):
             raise ValueError(f"seed must be >= 0, got {seed}.")
         if max_records is not None and (isinstance(max_records, bool) or max_records < 1):
             raise ValueError(f"max_records must be an int >= 1 or None, got {max_records!r}.")
+        if min_lift is not None and not -1.0 <= min_lift <= 1.0:
+            raise ValueError(f"min_lift must be in [-1, 1] or None, got {min_lift}.")
+        self.min_lift = min_lift
         self.max_records = max_records
         self.easy_threshold = float(easy_threshold)
         self.hard_threshold = float(hard_threshold)
@@ -167,6 +182,9 @@ class HistorySampler(Selector):
         self._last = dict.fromkeys(_COUNTERS, 0)  # counts of the most recent step that selected anything
         self._totals = dict.fromkeys(_COUNTERS, 0)
         self._last_ratios: dict[str, float] | None = None
+        # The rule's own test: explored eligible keys -> kind of their record; cumulative probe counts.
+        self._explored: dict[str, int] = {}
+        self._probes = {"explored": 0, "explored_flat": 0, "fresh": 0, "fresh_flat": 0}
 
     # --------------------------------------------------------------------------------------------------------------
     def classify(self, mean_reward: float) -> int:
@@ -211,16 +229,34 @@ class HistorySampler(Selector):
     def _is_revisit(self, key: str) -> bool:
         return key in self._seen or key in self._records
 
+    @property
+    def lift(self) -> float:
+        """Measured precision of the skip rule minus the base rate of flat visits (NaN before any probe)."""
+        p = self._probes
+        if not p["explored"] or not p["fresh"]:
+            return float("nan")
+        return p["explored_flat"] / p["explored"] - p["fresh_flat"] / p["fresh"]
+
+    @property
+    def standing_down(self) -> bool:
+        """Whether the sampler keeps every candidate because the rule does not pay (module docstring)."""
+        if self.min_lift is None or self._probes["explored"] < MIN_PROBES or not self._probes["fresh"]:
+            return False
+        return self.lift <= self.min_lift
+
     def select(self, candidates: Sequence[Candidate]) -> list[Candidate]:
         kept: list[Candidate] = []
         if self._watching_revisits() and any(self._is_revisit(c.key) for c in candidates):
             self._revisit = True
+        standing_down = self.standing_down
         for candidate in candidates:
             prob = self.skip_probability(candidate.key)
-            if prob > 0.0 and self._rng.random() < prob:
+            if prob > 0.0 and not standing_down and self._rng.random() < prob:
                 kind = self._records[candidate.key][0]
                 self._count("skipped_easy" if kind == EASY else "skipped_hard")
             else:
+                if prob > 0.0:  # eligible but kept: its next visit tests the rule
+                    self._explored[candidate.key] = self._records[candidate.key][0]
                 kept.append(candidate)
                 self._count("kept")
             self._count("candidates")
@@ -241,9 +277,14 @@ class HistorySampler(Selector):
                 if self.max_records is not None and len(self._seen) > self.max_records:
                     self._seen.popitem(last=False)
             kind = self.visit_kind(rewards, entries)
+            explored = self._explored.pop(key, None) is not None
             if kind is None:  # unknown: no record change, not counted in the ratios
                 self._unknown_total += 1
                 continue
+            probe = "explored" if explored else "fresh" if key not in self._records else None
+            if probe is not None:
+                self._probes[probe] += 1
+                self._probes[probe + "_flat"] += int(kind != MIXED)
             self._pending["groups"] += 1
             if kind == MIXED:
                 self._records.pop(key, None)
@@ -253,7 +294,8 @@ class HistorySampler(Selector):
             self._records[key] = (kind, z + 1 if last_kind == kind else 1)
             self._records.move_to_end(key)
             if self.max_records is not None and len(self._records) > self.max_records:
-                self._records.popitem(last=False)
+                evicted, _ = self._records.popitem(last=False)
+                self._explored.pop(evicted, None)
                 self._evicted_total += 1
 
     def on_step_end(self) -> None:
@@ -314,6 +356,8 @@ class HistorySampler(Selector):
             "last": dict(self._last),
             "totals": dict(self._totals),
             "last_ratios": None if self._last_ratios is None else dict(self._last_ratios),
+            "explored": dict(self._explored),
+            "probes": dict(self._probes),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -333,11 +377,14 @@ class HistorySampler(Selector):
         self._last = dict(state["last"])
         self._totals = dict(state["totals"])
         self._last_ratios = None if state["last_ratios"] is None else dict(state["last_ratios"])
+        self._explored = {str(k): int(v) for k, v in state.get("explored", {}).items()}  # none before standing down
+        self._probes = dict(state.get("probes", {"explored": 0, "explored_flat": 0, "fresh": 0, "fresh_flat": 0}))
 
     def metrics(self) -> dict[str, float]:
         """Counts of the most recent step that selected anything (closed by `on_step_end`), cumulative totals,
         the current p_easy / p_hard, whether they adapt (`adapting`, 0/1), the easy / hard ratios of the last
-        adaptation and the visits left unknown by pruned rewards (`unknown_total`)."""
+        adaptation, the visits left unknown by pruned rewards (`unknown_total`), and the rule's own test:
+        `skip_precision`, `fresh_flat_rate`, their difference `lift` and `standing_down` (0/1)."""
         prefix = "selection/history/"
         out = {prefix + name: float(value) for name, value in self._last.items()}
         out[prefix + "skipped_total"] = float(self._totals["skipped_easy"] + self._totals["skipped_hard"])
@@ -350,5 +397,12 @@ class HistorySampler(Selector):
             out[prefix + "easy_ratio"] = self._last_ratios["easy"]
             out[prefix + "hard_ratio"] = self._last_ratios["hard"]
         out[prefix + "tracked_prompts"] = float(len(self._records))
+        if self._probes["explored"]:  # set once a probe exists (no NaN in the logs)
+            out[prefix + "skip_precision"] = self._probes["explored_flat"] / self._probes["explored"]
+        if self._probes["fresh"]:
+            out[prefix + "fresh_flat_rate"] = self._probes["fresh_flat"] / self._probes["fresh"]
+        if self._probes["explored"] and self._probes["fresh"]:
+            out[prefix + "lift"] = self.lift
+        out[prefix + "standing_down"] = float(self.standing_down)
         out[prefix + "evicted_total"] = float(self._evicted_total)
         return out

@@ -146,6 +146,7 @@ class PromptSelectionStage:
                 seed=args.seed,
                 max_records=HISTORY_MAX_RECORDS,
                 group_size=self.num_generations,
+                min_lift=args.selection_min_skip_lift,
             )
         self.entropy_filter: EntropyMedianFilter | None = None
         if args.selection_entropy:
