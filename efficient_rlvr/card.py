@@ -116,6 +116,11 @@ METHODS: dict[str, MethodInfo] = {
         "cost/zero_adv_",
         (COST_AWARE,),
     ),
+    "old_logprobs_from_loss": MethodInfo(
+        "Old log-probs from the loss's forward pass: the vLLM importance ratio without TRL's extra no-grad pass (exact)",
+        "cost/old_logprob_",
+        (),
+    ),
     "cost_aware_sampling": MethodInfo(
         "Cost-Aware GRPO: fill minibatches by sampling rollouts with p proportional to abs(A) / sqrt(tokens), importance-weighted",
         "cost/",
@@ -155,6 +160,12 @@ SAVINGS: tuple[tuple[tuple[str, ...], str, str | None, str | None], ...] = (
         ("skip_zero_advantage",),
         "zero-advantage rollouts left out of the old-log-prob pass",
         "cost/zero_adv_logprob_rows_skipped_total",
+        None,
+    ),
+    (
+        ("old_logprobs_from_loss",),
+        "rollouts not run through TRL's old-log-prob pass (the loss's forward pass gives them)",
+        "cost/old_logprob_rows_skipped_total",
         None,
     ),
     (
@@ -274,7 +285,7 @@ def efficiency_section(config: Any, metrics: Mapping[str, float]) -> str:
         if info is None:  # a method this card does not know yet: still named
             lines.append(f"| {name} | `{name}=True` | | |")
             continue
-        papers = "; ".join(paper.markdown() for paper in info.papers)
+        papers = "; ".join(paper.markdown() for paper in info.papers) or "- (exact rewrite of TRL's computation)"
         lines.append(f"| {info.description} | `{name}=True` | {papers} | `{info.namespace}` |")
 
     lines += ["", "### Efficiency configuration", ""]

@@ -26,17 +26,18 @@ _VLLM_DTYPES = ("auto", "float32", "bfloat16", "float16")
 # The trainer runs the stages in one fixed order (documented in efficient_rlvr/trainer.py): select prompts -> pruned
 # generation -> score -> baseline / budget -> trajectory selection -> cost-aware minibatches -> loss.
 PRESETS: dict[str, dict[str, object]] = {
-    # HIVE's history skip (GRESO rule) and the exact zero-advantage skip (the deterministic limit of Cost-Aware GRPO's
-    # p = 0 for A = 0; its rows also skip TRL's old-log-prob pass). Rebuilt from the recurring-pool benchmark (README
-    # "Benchmark"): the history skip keeps flat groups out of the batch as the pool recurs, the zero-advantage skip
-    # removes the compute of the flat groups that remain, with vanilla's exact gradient. Left out: ARRoL pruning (its
-    # head does not rank the rollouts of one prompt here: within-group AUC 0.51-0.56, so it pruned at random and the
-    # previous preset with it ended below vanilla at equal steps; with `pruning=True` its gate,
-    # `pruning_gate_min_auc`, now stands it down in that case), the entropy median filter, cost-aware draws, the
-    # V0.5 baseline, HES selection and the adaptive budget. Any of them can be switched on on top.
+    # Rebuilt from the recurring-pool benchmark (README "Benchmark"): HIVE's history skip (GRESO rule) keeps flat
+    # groups out of the batch as the pool recurs; the exact zero-advantage skip (the deterministic limit of Cost-Aware
+    # GRPO's p = 0 for A = 0) removes the compute of the flat groups that remain; the vLLM importance ratio is taken
+    # from the loss's own forward pass, so TRL's extra no-grad pass over every rollout never runs. The last two leave
+    # vanilla's gradient unchanged. Left out: ARRoL pruning (its head does not rank the rollouts of one prompt here:
+    # within-group AUC 0.52-0.62, so it prunes nearly at random; with `pruning=True` its gate, `pruning_gate_min_auc`,
+    # stands it down in that case), the entropy median filter, cost-aware draws, the V0.5 baseline, HES selection and
+    # the adaptive budget. Any of them can be switched on on top.
     "efficient": {
         "selection_history": True,
         "skip_zero_advantage": True,
+        "old_logprobs_from_loss": True,
     },
 }
 
@@ -199,6 +200,14 @@ class EfficientGRPOConfig(GRPOConfig):
         metadata={
             "help": "Drop rollouts whose advantage is 0 before the loss, keeping the dapo token normaliser: the "
             "same gradient for less backward compute (cost/skip.py; dapo/cispo/vespo, beta=0)."
+        },
+    )
+    old_logprobs_from_loss: bool = field(
+        default=False,
+        metadata={
+            "help": "Take the vLLM importance ratio's old log-probs from the loss's own forward pass instead of TRL's "
+            "separate no-grad pass over every rollout: the same loss for one forward pass less per generation "
+            "(cost/old_logprobs.py; needs num_iterations=1 and aligned generation and optimizer steps)."
         },
     )
     cost_draw_fraction: float | None = field(
@@ -369,6 +378,10 @@ class EfficientGRPOConfig(GRPOConfig):
             from .cost.skip import check_skip_config
 
             check_skip_config(self)
+        if self.old_logprobs_from_loss:  # num_iterations, steps alignment, liger: old log-probs = the loss's own
+            from .cost.old_logprobs import check_old_logprobs_config
+
+            check_old_logprobs_config(self)
         if self.cost_aware_sampling:  # loss_type, beta, entropy_coef, use_adaptive_entropy, top_entropy_quantile, ...
             from .cost.stage import check_cost_aware_config
 
@@ -386,6 +399,7 @@ class EfficientGRPOConfig(GRPOConfig):
             "budget_adaptive": self.budget_adaptive,
             "hes_selection": self.hes_selection,
             "skip_zero_advantage": self.skip_zero_advantage,
+            "old_logprobs_from_loss": self.old_logprobs_from_loss,
             "cost_aware_sampling": self.cost_aware_sampling,
         }
         return [name for name, on in switches.items() if on]

@@ -13,7 +13,9 @@ each stage is absent, so the trainer runs TRL's own code and behaves exactly lik
                               zero-advantage rows (exact skip, cost/skip.py)
     -> minibatch sampling     `minibatch_sampler.split(trainer, batch, n)`        (Cost-Aware GRPO; cost/stage.py);
                               with the zero-advantage skip, micro-batches packed by length (batch.py)
-    -> loss                   TRL's loss; rows carrying `sample_weights` are importance-weighted (cost/weighting.py)
+    -> loss                   TRL's loss; rows carrying `sample_weights` are importance-weighted (cost/weighting.py);
+                              with `old_logprobs_from_loss`, the vLLM importance ratio comes from the loss's own
+                              forward pass and TRL's old-log-prob pass is off (cost/old_logprobs.py)
 
 Every stage is a component (`state_dict`, `load_state_dict`, `metrics`; optionally `on_step_end(trainer)` after each
 optimizer step). The order is fixed here and documented once, in this docstring.
@@ -86,18 +88,19 @@ class EfficientGRPOTrainer(GRPOTrainer):
         self.rollout_generation: Any = None
         self.batch_stages: list[Any] = []
         self.minibatch_sampler: Any = None
+        self.old_logprobs: Any = None  # the importance ratio from the loss's forward pass (cost/old_logprobs.py)
         self._last_rewards_per_func: torch.Tensor | None = None
         self._scoring_inputs: list[dict[str, Any]] | None = None  # the rows of the generation in flight
         self._early_rewards: tuple[Any, torch.Tensor] | None = None  # (completions, rewards) scored before TRL does
         self._build_stages(args)
         # A stage that acts between generation and TRL's old-log-prob pass (the zero-advantage skip) may do so only
         # as the first batch stage: no earlier stage drops, reorders or re-weights rows.
-        first = self.batch_stages[0] if self.batch_stages else None
+        # Without the old-log-prob pass (`old_logprobs_from_loss`) there is nothing for it to trim.
+        first = self.batch_stages[0] if self.batch_stages and self.old_logprobs is None else None
         self.early_scoring: Any = first if hasattr(first, "after_generation") else None
+        stages = (self.prompt_selection, self.rollout_generation, *self.batch_stages, self.minibatch_sampler)
         self.components: dict[str, Component] = {
-            type(stage).__name__: stage
-            for stage in (self.prompt_selection, self.rollout_generation, *self.batch_stages, self.minibatch_sampler)
-            if stage is not None
+            type(stage).__name__: stage for stage in (*stages, self.old_logprobs) if stage is not None
         }
         if self.components:
             self.add_callback(_StepEndCallback(self))
@@ -136,6 +139,10 @@ class EfficientGRPOTrainer(GRPOTrainer):
             from .cost.stage import CostAwareStage
 
             self.minibatch_sampler = CostAwareStage(self, args)
+        if args.old_logprobs_from_loss:
+            from .cost.old_logprobs import OldLogprobsFromLoss
+
+            self.old_logprobs = OldLogprobsFromLoss(self, args)
 
     # ------------------------------------------------------------------------------------------------------------
     # The pipeline. Each override below runs TRL's own code unchanged when its stage is off.
@@ -202,7 +209,14 @@ class EfficientGRPOTrainer(GRPOTrainer):
         return rewards
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        # Extends TRL 1.16.0 `GRPOTrainer._generate_and_score_completions`: the batch stages run on its output.
+        # Extends TRL 1.16.0 `GRPOTrainer._generate_and_score_completions`: the batch stages run on its output;
+        # with `old_logprobs_from_loss`, TRL's old-log-prob pass is off for it and for the stages' extra generations.
+        if self.old_logprobs is None or not self.model.training:
+            return self._generate_score_and_process(inputs)
+        with self.old_logprobs.generation(self, len(inputs)):
+            return self._generate_score_and_process(inputs)
+
+    def _generate_score_and_process(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         self._scoring_inputs = inputs
         try:
             output = super()._generate_and_score_completions(inputs)
@@ -224,10 +238,14 @@ class EfficientGRPOTrainer(GRPOTrainer):
         return output
 
     def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
-        # Extends TRL 1.16.0 `GRPOTrainer._compute_loss`: importance weights of sampled minibatches.
+        # Extends TRL 1.16.0 `GRPOTrainer._compute_loss`: the vLLM importance ratio from this forward pass
+        # (`old_logprobs_from_loss`), importance weights of sampled minibatches.
+        compute = super()._compute_loss
+        if self.old_logprobs is not None:
+            compute = self.old_logprobs.loss(self, compute)
         if "sample_weights" not in inputs:
-            return super()._compute_loss(model, inputs)
-        return self.minibatch_sampler.weighted_loss(self, model, inputs, super()._compute_loss)
+            return compute(model, inputs)
+        return self.minibatch_sampler.weighted_loss(self, model, inputs, compute)
 
     # ------------------------------------------------------------------------------------------------------------
     # Logging: every component reports what it saved under its own namespace.

@@ -8,10 +8,12 @@ answer (``efficient_rlvr.rewards.extract_answer``) with weights from their score
 when the task's verifier scores ``"Answer: <answer>"`` 1.0. The vote a user should take (``vote_used``) is the
 weighted one only where it beat the majority vote on the first ``--calibration_prompts`` prompts
 (`efficient_rlvr.pruning.choose_vote`); ``chosen_accuracy`` is that vote's accuracy on the other prompts, next to
-both votes' accuracy on the same prompts.
+both votes' accuracy on the same prompts. ``--scorer deepconf`` weights the vote by DeepConf's trace confidence
+instead (arXiv 2508.15260: the lowest 4-token-window mean of the sampled tokens' log-probs under the policy, which
+ranks the candidates of one prompt better than the head on the embedded task; no head needed).
 
     python examples/eval_vote.py --model outputs/arrol/checkpoint-40 --state outputs/arrol/checkpoint-40 \
-        [--num_samples 8 --eval_size 400 --calibration_prompts 100 --output vote.json]
+        [--num_samples 8 --eval_size 400 --calibration_prompts 100 --scorer head|deepconf --output vote.json]
 
 ``--model``: a trained policy folder (a checkpoint folder holds model and tokenizer); ``--state``: the checkpoint
 folder or its ``efficient_rlvr_state.pt`` written by `EfficientGRPOTrainer` with ``pruning=True`` (default: the
@@ -32,38 +34,49 @@ from typing import Any
 import torch
 
 from efficient_rlvr.pruning import QualityHead, choose_vote, majority_vote, weighted_vote
-from efficient_rlvr.pruning.diagnose import sample_candidates
+from efficient_rlvr.pruning.diagnose import deepconf, sample_candidates
 from efficient_rlvr.rewards import extract_answer, verifier_reward
+
+SCORERS = ("head", "deepconf")
 
 
 @torch.no_grad()
-def last_token_states(model: torch.nn.Module, prompt_ids: list[int], completions: list[list[int]]) -> torch.Tensor:
-    """Final-norm hidden state from which each completion's last token was sampled: ``[k, H]`` (NaN if empty).
+def last_token_states(
+    model: torch.nn.Module, prompt_ids: list[int], completions: list[list[int]]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Final-norm hidden state from which each completion's last token was sampled, ``[k, H]`` (NaN if empty), and
+    each completion's sampled-token log-probs under the model, ``k`` tensors ``[L_j]``.
 
     One prompt, k completions, right-padded (no left padding, so positions are exact): the state at index
-    ``P + L - 2`` of ``hidden_states[-1]`` (`efficient_rlvr.pruning.hidden_state_positions`).
+    ``P + L - 2`` of ``hidden_states[-1]`` (`efficient_rlvr.pruning.hidden_state_positions`); token ``i`` of a
+    completion is predicted from position ``P + i - 1``.
     """
     device = next(model.parameters()).device
-    width = len(prompt_ids) + max(1, max(len(c) for c in completions))
-    rows = [prompt_ids + c + [0] * (width - len(prompt_ids) - len(c)) for c in completions]
-    mask = [[1] * (len(prompt_ids) + len(c)) + [0] * (width - len(prompt_ids) - len(c)) for c in completions]
+    P = len(prompt_ids)
+    width = P + max(1, max(len(c) for c in completions))
+    rows = [prompt_ids + c + [0] * (width - P - len(c)) for c in completions]
+    mask = [[1] * (P + len(c)) + [0] * (width - P - len(c)) for c in completions]
     out = model(
         input_ids=torch.tensor(rows, device=device),
         attention_mask=torch.tensor(mask, device=device),
         output_hidden_states=True,
     )
     hidden = out.hidden_states[-1].float()  # [k, T, H]
+    logprobs = torch.log_softmax(out.logits.float(), dim=-1)  # [k, T, V]
     states = torch.full((len(completions), hidden.shape[-1]), float("nan"), device=device)
+    sampled = []
     for j, c in enumerate(completions):
         if c:
-            states[j] = hidden[j, len(prompt_ids) + len(c) - 2]
-    return states
+            states[j] = hidden[j, P + len(c) - 2]
+        positions = torch.arange(P - 1, P - 1 + len(c), device=device)  # [L_j]
+        sampled.append(logprobs[j, positions, torch.tensor(c, device=device, dtype=torch.long)].cpu())
+    return states, sampled
 
 
 def vote_accuracy(
     model: torch.nn.Module,
     tokenizer: Any,
-    head: QualityHead,
+    head: QualityHead | None,
     dataset: Any,
     num_samples: int = 8,
     max_new_tokens: int = 48,
@@ -72,12 +85,17 @@ def vote_accuracy(
     reward_fn: Callable[..., list[float]] = verifier_reward,
     return_details: bool = False,
     calibration_prompts: int = 0,
+    scorer: str = "head",
 ) -> dict[str, Any]:
-    """Majority vs head-weighted vote accuracy over ``dataset`` (rows with ``prompt`` and the reward's columns).
+    """Majority vs score-weighted vote accuracy over ``dataset`` (rows with ``prompt`` and the reward's columns).
+
+    ``scorer``: ``"head"`` (the quality head on the last-token state) or ``"deepconf"`` (DeepConf's trace
+    confidence, the lowest sliding-window mean of the sampled tokens' log-probs under the policy,
+    `efficient_rlvr.pruning.diagnose.deepconf`; ``head`` may then be None). ``head_auc`` is the scorer's AUC.
 
     Returns ``majority_accuracy``, ``weighted_accuracy``, ``sample_accuracy`` (mean reward of single samples),
     ``oracle_accuracy`` (some sample right), ``head_auc`` (scores vs sample correctness), counts and seconds; with
-    ``return_details`` also ``details``: per prompt the answers, scores and sample rewards. With
+    ``return_details`` also ``details``: per prompt the token ids, answers, scores and sample rewards. With
     ``calibration_prompts`` > 0 the first that many prompts choose the vote (``vote_used``, `choose_vote`) and the
     other prompts report ``chosen_accuracy`` with ``majority_accuracy_rest`` / ``weighted_accuracy_rest``.
     """
@@ -89,10 +107,13 @@ def vote_accuracy(
 
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if scorer not in SCORERS or (scorer == "head" and head is None):
+        raise ValueError(f"vote_accuracy: scorer must be one of {SCORERS} (with a head for 'head'), got {scorer!r}")
     start = time.perf_counter()
     was_training = model.training
     model.eval()
-    head.eval()
+    if head is not None:
+        head.eval()
     rows = [dataset[i] for i in range(len(dataset))]
     columns = [c for c in dataset.column_names if c != "prompt"]
     try:
@@ -101,9 +122,11 @@ def vote_accuracy(
         )
         scores = []
         for ids, comps in zip(prompt_ids, candidates, strict=True):
-            states = last_token_states(model, ids, comps)  # [k, H]
-            s = head.score(torch.nan_to_num(states)).cpu()  # [k]
-            scores.append(s.tolist())
+            states, logprobs = last_token_states(model, ids, comps)  # [k, H], k x [L_j]
+            if scorer == "deepconf":
+                scores.append([deepconf(lp, lp.numel())[1] for lp in logprobs])
+            else:
+                scores.append(head.score(torch.nan_to_num(states)).cpu().tolist())  # [k]
     finally:
         model.train(was_training)
 
@@ -158,6 +181,8 @@ def vote_accuracy(
     if return_details:
         result["details"] = [
             {
+                "prompt_ids": prompt_ids[i],
+                "completion_ids": candidates[i],
                 "answers": answers[i],
                 "scores": scores[i],
                 "sample_rewards": per_prompt[i],
@@ -193,6 +218,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--calibration_prompts", type=int, default=100, help="prompts that choose the vote (0: report both only)"
     )
+    parser.add_argument(
+        "--scorer", default="head", choices=SCORERS, help="weights of the weighted vote: the head, or DeepConf"
+    )
     parser.add_argument("--torch_threads", type=int, default=None)
     parser.add_argument("--output", default=None, help="write the result as JSON here")
     args = parser.parse_args(argv)
@@ -200,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.torch_threads)
 
     model_path = resolve_model_path(args.model)
-    head = quality_head_from_state(args.state or model_path)
+    head = quality_head_from_state(args.state or model_path) if args.scorer == "head" else None
     tokenizer = load_tokenizer_for(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     _, eval_ds = load_task_splits(args.dataset_name, train_size=1, eval_size=args.eval_size, seed=args.data_seed)
@@ -214,12 +242,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         seed=args.seed,
         batch_size=args.batch_size,
         calibration_prompts=args.calibration_prompts,
+        scorer=args.scorer,
     )
-    result.update(model=model_path, state=args.state or model_path, eval_size=args.eval_size)
+    result.update(model=model_path, state=args.state or model_path, eval_size=args.eval_size, scorer=args.scorer)
     print(
         f"{result['num_prompts']} prompts x {result['num_samples']} samples: majority {result['majority_accuracy']:.3f}"
-        f", head-weighted {result['weighted_accuracy']:.3f} (single sample {result['sample_accuracy']:.3f}, oracle "
-        f"{result['oracle_accuracy']:.3f}, head AUC {result['head_auc']:.3f}, {result['votes_changed']} votes changed)",
+        f", {args.scorer}-weighted {result['weighted_accuracy']:.3f} (single sample {result['sample_accuracy']:.3f}, "
+        f"oracle {result['oracle_accuracy']:.3f}, {args.scorer} AUC {result['head_auc']:.3f}, "
+        f"{result['votes_changed']} votes changed)",
         flush=True,
     )
     if "vote_used" in result:

@@ -24,6 +24,7 @@ def test_resolve_flags_expands_fractions_and_the_preset():
     full = bench.resolve_flags(RECIPE, bench.VARIANTS["efficient"])
     pairs = dict(zip(full[::2], full[1::2], strict=True))
     assert pairs["--skip_zero_advantage"] == "true" and pairs["--selection_history"] == "true"
+    assert pairs["--old_logprobs_from_loss"] == "true"
     assert "--pruning" not in pairs
     assert "--model_name_or_path" not in pairs  # keys equal to the recipe's are not repeated
 

@@ -211,7 +211,8 @@ def test_efficient_preset_and_recipe_agree(tmp_path):
     for key, value in PRESETS["efficient"].items():
         assert getattr(config, key) == value
     assert EfficientGRPOConfig.from_preset("efficient", selection_history=False, **_kwargs(str(tmp_path))).methods == [
-        "skip_zero_advantage"
+        "skip_zero_advantage",
+        "old_logprobs_from_loss",
     ]
     with open("examples/recipes/efficient.yaml") as f:
         recipe = yaml.safe_load(f)

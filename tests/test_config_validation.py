@@ -371,6 +371,7 @@ TYPES = {
     "cost_alpha": ("float", [*NEG, HUGE_FLOAT]),
     "cost_num_draws": ("int | None", [-1, 0, HUGE_INT]),
     "skip_zero_advantage": ("bool", []),
+    "old_logprobs_from_loss": ("bool", []),
     "cost_draw_fraction": ("float | None", [*NEG, 0.0, HUGE_FLOAT]),
     "budget_baseline": ("bool", []),
     "budget_prior": ("str", []),

@@ -57,16 +57,17 @@ def test_quickstart_notebook_runs_and_plots(tmp_path, monkeypatch):
     assert all(len(out["data"]["image/png"]) > 1000 for out in images)  # base64 PNGs with content
 
     text = "".join(out.get("text", "") for out in outputs if out.output_type == "stream" and out.name == "stdout")
-    assert "methods on: ['selection_history', 'skip_zero_advantage']" in text
+    assert "methods on: ['selection_history', 'skip_zero_advantage', 'old_logprobs_from_loss']" in text
     # The history skip needs revisits (6 steps x 16 prompts over 256 prompts: few or none), so it may skip nothing.
     skipped = re.search(r"prompts skipped before generation: (\d+) \((\d+) rollouts never generated\)", text)
     assert skipped and int(skipped.group(2)) == 4 * int(skipped.group(1))  # G = 4 rollouts per skipped prompt
     zero_adv = re.search(
-        r"policy-pass tokens saved: +(\d+) \((\d+) zero-advantage rollouts skipped the loss, (\d+) the old-log-prob",
+        r"policy-pass tokens saved: +(\d+) \((\d+) zero-advantage rollouts skipped the loss; (\d+) rollouts needed "
+        r"no old-log-prob pass\)",
         text,
     )
     assert zero_adv and int(zero_adv.group(1)) > 0 and int(zero_adv.group(2)) > 0
-    assert int(zero_adv.group(3)) == int(zero_adv.group(2))  # the same rows skipped TRL's no-grad pass (vLLM IS)
+    assert int(zero_adv.group(3)) == 6 * 64  # every rollout of the 6 steps: the loss's forward gave the ratio
     # The last cell rendered the card's efficiency section; the card itself is on disk in the working dir.
     markdown = [out["data"]["text/markdown"] for out in outputs if "text/markdown" in out.get("data", {})]
     assert markdown and markdown[-1].startswith("## Efficiency methods")

@@ -515,6 +515,33 @@ def test_eval_vote_compares_majority_and_head_weighted_vote(run, chain_sum_split
     with open(out) as f:
         assert json.load(f)["weighted_accuracy"] == cli["weighted_accuracy"]
     assert cli["vote_used"] in ("majority", "weighted") and cli["calibration_prompts"] == 4
+    # DeepConf weights: the lowest 4-token-window mean of each candidate's sampled-token log-probs, no head needed.
+    from efficient_rlvr.pruning.diagnose import deepconf
+
+    model = run["trainer"].accelerator.unwrap_model(run["trainer"].model)
+    tokenizer = run["trainer"].processing_class
+    conf = eval_vote.vote_accuracy(
+        model,
+        tokenizer,
+        None,
+        eval_ds.select(range(6)),
+        num_samples=4,
+        max_new_tokens=40,
+        return_details=True,
+        scorer="deepconf",
+    )
+    for d in conf["details"]:
+        ids = d["prompt_ids"]
+        for score, comp in zip(d["scores"], d["completion_ids"], strict=True):  # one forward per candidate, unpadded
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ids + comp], device=model.device)).logits[0].float()
+            lp = torch.log_softmax(logits[len(ids) - 1 : -1], dim=-1).gather(
+                1, torch.tensor(comp, device=logits.device)[:, None]
+            )
+            assert score == pytest.approx(deepconf(lp.flatten().cpu(), len(comp))[1], abs=1e-4)
+        assert d["weighted"] == weighted_vote(d["answers"], d["scores"])
+    with pytest.raises(ValueError, match="scorer"):
+        eval_vote.vote_accuracy(model, tokenizer, None, eval_ds.select(range(2)), scorer="head")
 
 
 def test_vote_falls_back_to_majority_with_an_uninformative_head(run, chain_sum_splits):

@@ -27,7 +27,8 @@ raises otherwise, so the filled values can never reach the loss. Not used (every
 prompts passed to `_generate` are not the rows' own ``prompt`` objects (environments, multimodal rewrites, refills),
 with a ``rollout_func`` that returns extra fields, with ``multi_objective_aggregation="normalize_then_sum"``, or
 under ZeRO-3 / FSDP with several processes (each process must run as many forwards as the others); with several
-processes, one process's "no" is everyone's.
+processes, one process's "no" is everyone's. Not needed with ``old_logprobs_from_loss`` (cost/old_logprobs.py): TRL's
+pass then does not run for any row.
 
 Every process keeps the same row count (`efficient_rlvr.batch.keep_rows` tops up with inert rows), at least
 ``steps_per_generation``. Metrics: rows and completion tokens skipped this step and in total; rows left out of the
