@@ -18,8 +18,9 @@ ranks the candidates of one prompt better than the head on the embedded task; no
 ``--model``: a trained policy folder (a checkpoint folder holds model and tokenizer); ``--state``: the checkpoint
 folder or its ``efficient_rlvr_state.pt`` written by `EfficientGRPOTrainer` with ``pruning=True`` (default: the
 model folder). Candidates are sampled with HF ``generate`` (temperature 1, top-k off) under a forked, seeded RNG;
-hidden states come from a teacher-forced forward of prompt + completion (equal to the vLLM states the head was
-trained on, to float precision).
+hidden states and sampled-token log-probs come from one teacher-forced forward of prompt + completion
+(`efficient_rlvr.pruning.diagnose.rollout_features`; the states equal the vLLM states the head was trained on, to
+float precision).
 """
 
 from __future__ import annotations
@@ -34,43 +35,10 @@ from typing import Any
 import torch
 
 from efficient_rlvr.pruning import QualityHead, choose_vote, majority_vote, weighted_vote
-from efficient_rlvr.pruning.diagnose import deepconf, sample_candidates
+from efficient_rlvr.pruning.diagnose import deepconf, rollout_features, sample_candidates
 from efficient_rlvr.rewards import extract_answer, verifier_reward
 
 SCORERS = ("head", "deepconf")
-
-
-@torch.no_grad()
-def last_token_states(
-    model: torch.nn.Module, prompt_ids: list[int], completions: list[list[int]]
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Final-norm hidden state from which each completion's last token was sampled, ``[k, H]`` (NaN if empty), and
-    each completion's sampled-token log-probs under the model, ``k`` tensors ``[L_j]``.
-
-    One prompt, k completions, right-padded (no left padding, so positions are exact): the state at index
-    ``P + L - 2`` of ``hidden_states[-1]`` (`efficient_rlvr.pruning.hidden_state_positions`); token ``i`` of a
-    completion is predicted from position ``P + i - 1``.
-    """
-    device = next(model.parameters()).device
-    P = len(prompt_ids)
-    width = P + max(1, max(len(c) for c in completions))
-    rows = [prompt_ids + c + [0] * (width - P - len(c)) for c in completions]
-    mask = [[1] * (P + len(c)) + [0] * (width - P - len(c)) for c in completions]
-    out = model(
-        input_ids=torch.tensor(rows, device=device),
-        attention_mask=torch.tensor(mask, device=device),
-        output_hidden_states=True,
-    )
-    hidden = out.hidden_states[-1].float()  # [k, T, H]
-    logprobs = torch.log_softmax(out.logits.float(), dim=-1)  # [k, T, V]
-    states = torch.full((len(completions), hidden.shape[-1]), float("nan"), device=device)
-    sampled = []
-    for j, c in enumerate(completions):
-        if c:
-            states[j] = hidden[j, P + len(c) - 2]
-        positions = torch.arange(P - 1, P - 1 + len(c), device=device)  # [L_j]
-        sampled.append(logprobs[j, positions, torch.tensor(c, device=device, dtype=torch.long)].cpu())
-    return states, sampled
 
 
 def vote_accuracy(
@@ -122,11 +90,12 @@ def vote_accuracy(
         )
         scores = []
         for ids, comps in zip(prompt_ids, candidates, strict=True):
-            states, logprobs = last_token_states(model, ids, comps)  # [k, H], k x [L_j]
+            with torch.no_grad():
+                features = rollout_features(model, ids, comps, l_detect=1)  # teacher-forced, one forward
             if scorer == "deepconf":
-                scores.append([deepconf(lp, lp.numel())[1] for lp in logprobs])
+                scores.append([deepconf(lp, lp.numel())[1] for lp in features["logprobs"]])  # k x [L_j]
             else:
-                scores.append(head.score(torch.nan_to_num(states)).cpu().tolist())  # [k]
+                scores.append(head.score(features["final_last_token"]).cpu().tolist())  # [k]
     finally:
         model.train(was_training)
 

@@ -36,7 +36,8 @@ from typing import Any
 
 import torch
 
-LOGPS_METHOD = "_get_per_token_logps_and_entropies"
+from ..logprobs import LOGPS_METHOD
+
 SEQUENCE_MODES = ("sequence_mask", "sequence_truncate")
 
 
