@@ -8,9 +8,20 @@ its own process (a fresh vLLM engine and a clean clock). Held-out accuracy (T=1,
 prompts and sampling seed for every run) is measured before training, every `--eval_every` steps (training clock
 paused meanwhile) and at the end. Seed s means the same data order and the same initial model in every variant
 (paired seeds). Variants whose steps are faster than vanilla's may run more steps (`--max_steps_scale`, a cap) and
-stop once their training clock passes vanilla's of the same seed times `TIME_MARGIN` (`--max_train_seconds`, when
-vanilla's run has finished), so that every variant covers vanilla's wall-clock, the comparison at equal wall-clock
-is read off a real curve, and no run goes on much longer than that.
+stop once their training clock passes vanilla's of the same seed times `TIME_MARGIN`, so that every variant covers
+vanilla's wall-clock, the comparison at equal wall-clock is read off a real curve, and no run goes on much longer
+than that.
+
+Timing (`--timing beside`, the default): two processes on two cores slow each other by an amount that depends on
+what the other one runs (seed 0's vanilla took 513 s beside the preset and 702 s beside a vanilla-sized run), so
+each variant's run trains at the same time as its own vanilla run of the seed (`trl-beside-<variant>`, the same
+command as `trl`; both start together and the next pair starts when both have ended). The variant's time figures are
+read against that run's clock, and it stops at `TIME_MARGIN` x that run's training seconds once that run has ended
+(`--stop_after_run`). The seeds' own `trl` runs pair up two seeds at a time; each partner must learn exactly like its
+seed's `trl` run (the report checks the held-out curves match), so only the clock differs. The variant's curve after
+its partner has ended is measured alone: it evaluates more often than vanilla (faster steps), so its training clock
+lags, and the last part before vanilla's wall-clock (about a tenth) is timed without a neighbour.
+`--timing shared` fills --jobs slots in plan order (the older schedule: a run's neighbour is whatever ran next).
 
 Variants: the core comparison (`CORE_VARIANTS`: trl, dynamic_sampling, skip, efficient) runs on every seed; the
 method rows (`METHOD_VARIANTS`) on `--method_seeds` only; the preset's ablations (`ABLATION_VARIANTS`: the preset
@@ -52,6 +63,7 @@ Usage: `python -m efficient_rlvr.bench [--variants trl,skip] [--method_variants 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -136,6 +148,20 @@ VARIANTS: dict[str, list[str]] = {
         "--pruning_cold_start_steps",
         "5",
     ],
+    # ARRoL's pruning scored by DeepConf's trace confidence of the sampled tokens instead of the head (the same
+    # calibrator, survival rule and gate).
+    "arrol_confidence": [
+        "--trainer",
+        "efficient",
+        "--pruning",
+        "true",
+        "--pruning_scorer",
+        "confidence",
+        "--pruning_l_detect",
+        "12",
+        "--pruning_cold_start_steps",
+        "5",
+    ],
     # The same pruning at the same keep rate, survivors chosen at random (the paper's baseline).
     "random_prune": [
         "--trainer",
@@ -168,7 +194,13 @@ CORE_VARIANTS = ("trl", "dynamic_sampling", "skip", "efficient")
 # A variant with `--max_steps_scale` also stops once its training clock passes vanilla's (same seed, when that run
 # has finished) times this: the comparison at equal wall-clock needs the smoothed curve a few evaluations past it.
 TIME_MARGIN = 1.15
-METHOD_VARIANTS = ("greso", "arrol", "random_prune", "cost_aware")
+# `--timing beside`: each variant's run trains at the same time as its own vanilla run of the same seed (this prefix +
+# the variant's name); the variant's time figures are read against that run's clock. Two processes on two cores slow
+# each other by an amount that depends on what the other one does (a side-by-side check of seed 0: vanilla 513 s
+# beside the preset, 702 s beside another vanilla-sized run), so a shared schedule favours whichever variant had the
+# lighter neighbour.
+PARTNER_PREFIX = "trl-beside-"
+METHOD_VARIANTS = ("greso", "arrol", "arrol_confidence", "random_prune", "cost_aware")
 ABLATION_VARIANTS = ("history_skip", "skip_old_logprobs", "efficient_cost")
 DAPO = "dynamic_sampling"
 LEVELS = (0.5, 0.75, 1.0)
@@ -229,18 +261,40 @@ def resolve_flags(recipe: str, flags: list[str]) -> list[str]:
     return out
 
 
-def run_command(recipe: str, variant: str, seed: int, output_dir: str, extra: list[str]) -> tuple[str, list[str]]:
-    """The run folder and the command line of one (variant, seed)."""
+def partner_of(variant: str) -> str:
+    """The name of `variant`'s own vanilla run under `--timing beside`."""
+    return PARTNER_PREFIX + variant
+
+
+def base_variant(name: str) -> str:
+    """The variant a run name trains: `trl` for a vanilla partner, else the name itself."""
+    return "trl" if name.startswith(PARTNER_PREFIX) else name
+
+
+def run_command(
+    recipe: str, variant: str, seed: int, output_dir: str, extra: list[str], beside: bool = False
+) -> tuple[str, list[str]]:
+    """The run folder and the command line of one (variant, seed). A variant with `--max_steps_scale` stops at
+    `TIME_MARGIN` x vanilla's training seconds: with `beside`, its own partner's (read when that run ends), else the
+    seed's `trl` run's when that has already finished."""
     run_dir = os.path.join(output_dir, f"{variant}-seed{seed}")
     script = os.path.join(os.path.dirname(os.path.abspath(recipe)), "..", "train_grpo.py")
     cmd = [sys.executable, script, "--config", recipe, "--output_dir", run_dir, "--seed", str(seed)]
-    flags = resolve_flags(recipe, VARIANTS[variant])
+    flags = resolve_flags(recipe, VARIANTS[base_variant(variant)])
     vanilla = os.path.join(output_dir, f"trl-seed{seed}", "summary.json")
-    if "--max_steps_scale" in flags and os.path.exists(vanilla):
+    if "--max_steps_scale" in flags and beside:
+        partner = os.path.join(output_dir, f"{partner_of(variant)}-seed{seed}", "summary.json")
+        flags += ["--stop_after_run", partner, "--stop_after_run_margin", str(TIME_MARGIN)]
+    elif "--max_steps_scale" in flags and os.path.exists(vanilla):
         with open(vanilla) as f:
             flags += ["--max_train_seconds", str(round(json.load(f)["train_seconds"] * TIME_MARGIN))]
     cmd += _scale_steps(flags + extra)  # later flags win
     return run_dir, cmd
+
+
+def reusable(run_dir: str, cmd: list[str]) -> bool:
+    """Whether `run_dir` holds a finished run of exactly `cmd` (the interpreter aside)."""
+    return os.path.exists(os.path.join(run_dir, "summary.json")) and _logged_command(run_dir) == cmd[1:]
 
 
 def run_one(
@@ -252,6 +306,7 @@ def run_one(
     port: int = 29600,
     reuse: bool = False,
     train: bool = True,
+    beside: bool = False,
 ) -> dict[str, Any] | None:
     """Train one (variant, seed) in a subprocess and return its summary with its metric records.
 
@@ -260,7 +315,7 @@ def run_one(
     a run whose folder already holds a finished run of the same command is read back instead of trained again.
     `train=False` only reads back a finished run in the folder, whatever its command (None if there is none).
     """
-    run_dir, cmd = run_command(recipe, variant, seed, output_dir, extra)
+    run_dir, cmd = run_command(recipe, variant, seed, output_dir, extra, beside)
     start = time.perf_counter()
     has_summary = os.path.exists(os.path.join(run_dir, "summary.json"))
     if not train and has_summary:  # report what ran, with the command it ran (it may predate a change of flags)
@@ -268,13 +323,17 @@ def run_one(
         print(f"== {variant} seed {seed}: reading {run_dir}", flush=True)
     elif not train:
         return None
-    elif reuse and has_summary and _logged_command(run_dir) == cmd[1:]:
+    elif reuse and reusable(run_dir, cmd):
         print(f"== {variant} seed {seed}: reusing {run_dir}", flush=True)
     else:
         print(f"== {variant} seed {seed}: {' '.join(cmd)}", flush=True)
         os.makedirs(run_dir, exist_ok=True)
-        if os.path.exists(os.path.join(run_dir, "summary.json")):
-            os.remove(os.path.join(run_dir, "summary.json"))
+        stale = [os.path.join(run_dir, "summary.json")]
+        if "--stop_after_run" in cmd:  # the partner starting beside this run: its previous summary is not its limit
+            stale.append(cmd[cmd.index("--stop_after_run") + 1])
+        for path in stale:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
         with open(os.path.join(run_dir, "command.json"), "w") as f:
             json.dump(cmd[1:], f)
         with open(os.path.join(run_dir, "log.txt"), "w") as log:
@@ -517,19 +576,46 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+def _same_curve(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two runs have the same held-out curve by step (two vanilla runs of one seed must)."""
+    ca, cb = a["eval_curve_steps_smoothed"], b["eval_curve_steps_smoothed"]
+    return len(ca) == len(cb) and all(x[0] == y[0] and abs(x[1] - y[1]) < 1e-9 for x, y in zip(ca, cb, strict=True))
+
+
 def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per variant: paired figures against vanilla of the same seed, medians / means over seeds with intervals."""
+    """Per variant: paired figures against vanilla of the same seed, medians / means over seeds with intervals.
+
+    A run's vanilla is its own partner (`partner_of`, `--timing beside`) where there is one, else the seed's `trl`
+    run; a row's `timing` says which ("beside", "shared" or "mixed"). `partner_curve_matches` checks that each partner
+    learned exactly like the seed's `trl` run (the same held-out curve by step): only the clock differs."""
+    partners = {
+        (r["variant"][len(PARTNER_PREFIX) :], r["seed"]): r
+        for r in results
+        if r["variant"] != base_variant(r["variant"])
+    }
     vanilla = {r["seed"]: r for r in results if r["variant"] == "trl"}
+    for (_, seed), partner in partners.items():
+        vanilla.setdefault(seed, partner)  # no `trl` run of the seed: vanilla's row reads a partner
     dapo = {r["seed"]: r for r in results if r["variant"] == DAPO}
     rows = []
-    for variant in dict.fromkeys(r["variant"] for r in results):
+    for variant in dict.fromkeys(r["variant"] for r in results if r["variant"] == base_variant(r["variant"])):
         mine = [r for r in results if r["variant"] == variant and r["seed"] in vanilla]
         if not mine:
             continue
-        pairs = [paired(r, vanilla[r["seed"]], dapo.get(r["seed"])) for r in mine]
+        refs = [partners.get((variant, r["seed"]), vanilla[r["seed"]]) for r in mine]
+        pairs = [paired(r, ref, dapo.get(r["seed"])) for r, ref in zip(mine, refs, strict=True)]
         for r, p in zip(mine, pairs, strict=True):
             r["paired"] = p
         row: dict[str, Any] = {"variant": variant, "seeds": [r["seed"] for r in mine], "speedup": {}}
+        beside = [(variant, r["seed"]) in partners for r in mine]
+        row["timing"] = "beside" if all(beside) else "shared" if not any(beside) else "mixed"
+        row["vanilla_seconds_per_step"] = _median([ref["seconds_per_step"] for ref in refs])
+        checked = [
+            _same_curve(partners[(variant, r["seed"])], vanilla[r["seed"]])
+            for r in mine
+            if (variant, r["seed"]) in partners and vanilla[r["seed"]] is not partners[(variant, r["seed"])]
+        ]
+        row["partner_curve_matches"] = all(checked) if checked else None
         for f in LEVELS:
             values = [p["speedup"][f] for p in pairs if p["speedup"][f] is not None]
             projected = [p["projected_speedup"][f] for p in pairs if p["projected_speedup"][f] is not None]
@@ -620,6 +706,21 @@ def _fmt_interval(stat: dict[str, Any], key: str, spec: str, suffix: str = "") -
     return text
 
 
+def _partner_note(rows: list[dict[str, Any]]) -> str:
+    """The check that vanilla partners learned exactly like the seeds' `trl` runs, and their step times."""
+    checked = [r for r in rows if r.get("partner_curve_matches") is not None]
+    if not checked:
+        return ""
+    same = all(r["partner_curve_matches"] for r in checked)
+    times = ", ".join(
+        f"{r['variant']} {_fmt(r['vanilla_seconds_per_step'])} s" for r in rows if r.get("timing") != "shared"
+    )
+    return (
+        f" Vanilla partners' held-out curves {'equal' if same else 'DIFFER FROM'} the seeds' `trl` runs' at every "
+        f"evaluation; vanilla's s/step beside each marked row (median): {times}."
+    )
+
+
 def markdown_table(rows: list[dict[str, Any]], meta: dict[str, Any], check: dict[str, Any] | None) -> str:
     """The README tables: speedups and accuracy against vanilla, then work and time per step, then the resolution
     check."""
@@ -628,7 +729,11 @@ def markdown_table(rows: list[dict[str, Any]], meta: dict[str, Any], check: dict
         "vanilla's gain over the base model, on curves smoothed over 3 evaluations), median over seeds with a "
         "bootstrap 90% interval; 0 = never reached. Accuracy differences vs vanilla: mean over seeds [90% interval], "
         "at vanilla's last step and at vanilla's wall-clock. GPU projection: see the module docstring of "
-        "`efficient_rlvr/bench.py` (ARRoL's Qwen3-1.7B phase shares; a projection, not a measurement).",
+        "`efficient_rlvr/bench.py` (ARRoL's Qwen3-1.7B phase shares; a projection, not a measurement). "
+        "† timed beside its own vanilla run of each seed (the two started together, `--timing beside`): its speedups, "
+        "step-time ratio and accuracy at equal time are against that run's clock (‡: some seeds only); rows without a "
+        "mark are timed against the seed's `trl` run, which shared the machine with whichever run was next in the "
+        "plan." + _partner_note(rows),
         "",
         "| variant | seeds | speedup to 50% | to 75% | to 100% of vanilla's gain | final acc. | Δ acc. equal steps "
         "| Δ acc. equal time | s/step (vanilla / variant) | rollouts to 100% vs trl / vs DAPO | zero-var groups "
@@ -638,7 +743,8 @@ def markdown_table(rows: list[dict[str, Any]], meta: dict[str, Any], check: dict
     for r in rows:
         sp = r["speedup"]
         lines.append(
-            f"| {r['variant']} | {len(r['seeds'])} | {_fmt_interval(sp[0.5], 'median', '.2f', 'x')} | "
+            f"| {r['variant']}{' †' if r.get('timing') == 'beside' else ' ‡' if r.get('timing') == 'mixed' else ''} "
+            f"| {len(r['seeds'])} | {_fmt_interval(sp[0.5], 'median', '.2f', 'x')} | "
             f"{_fmt_interval(sp[0.75], 'median', '.2f', 'x')} | {_fmt_interval(sp[1.0], 'median', '.2f', 'x')} | "
             f"{_fmt(r['final_accuracy'], '.3f')} | {_fmt_interval(r['accuracy_diff_equal_steps'], 'mean', '+.3f')} | "
             f"{_fmt_interval(r['accuracy_diff_equal_time'], 'mean', '+.3f')} | {_fmt(r['seconds_per_step'])} "
@@ -715,6 +821,7 @@ def plot_all(results: list[dict[str, Any]], rows: list[dict[str, Any]], output_d
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    results = [r for r in results if r["variant"] == base_variant(r["variant"])]  # partners: only their clocks count
     variants = list(dict.fromkeys(r["variant"] for r in results))
     colors = {v: f"C{i}" for i, v in enumerate(variants)}
     for kind in ("accuracy_vs_time", "rollouts"):
@@ -775,16 +882,43 @@ def update_readme(path: str, table: str) -> None:
 
 
 def plan_runs(
-    seeds: list[int], variants: list[str], method_variants: list[str], method_seeds: list[int]
-) -> list[tuple[str, int]]:
-    """(variant, seed) in run order: seeds outermost (a partial record holds whole seeds), the core variants of a
-    seed first, then its method rows; with --jobs 2 consecutive runs share the machine."""
-    plan = []
+    seeds: list[int], variants: list[str], method_variants: list[str], method_seeds: list[int], beside: bool = False
+) -> list[list[tuple[str, int]]]:
+    """Units of (variant, seed) in run order; the runs of a unit train at the same time. Seeds outermost (a partial
+    record holds whole seeds), the core variants of a seed first, then its method rows.
+
+    `beside=False`: one run per unit; with --jobs 2 consecutive units share the machine. `beside=True`: every variant
+    but vanilla forms a unit with its own vanilla partner (`partner_of`, same seed), and vanilla's `trl` runs pair up
+    two seeds at a time, so every run trains beside a known neighbour."""
+    runs = []
     for seed in seeds:
-        plan += [(v, seed) for v in variants]
+        runs += [(v, seed) for v in variants]
         if seed in method_seeds:
-            plan += [(v, seed) for v in method_variants if v not in variants]
-    return plan
+            runs += [(v, seed) for v in method_variants if v not in variants]
+    if not beside:
+        return [[run] for run in runs]
+    vanilla = [run for run in runs if run[0] == "trl"]
+    units = [vanilla[i : i + 2] for i in range(0, len(vanilla), 2)]
+    return units + [[(partner_of(v), seed), (v, seed)] for v, seed in runs if v != "trl"]
+
+
+def execute(units: list[list[tuple[str, int]]], jobs: int, beside: bool, run: Any) -> list[dict[str, Any] | None]:
+    """Run `units` (from `plan_runs`) with `run(index, variant, seed, unit)`; results in plan order.
+
+    `beside=False`: all runs through one pool of `jobs` workers. `beside=True`: one unit after the other, its runs
+    started together (one after the other with `jobs=1`)."""
+    members: list[list[tuple[int, str, int, list[tuple[str, int]]]]] = []
+    for unit in units:
+        first = sum(len(m) for m in members)
+        members.append([(first + k, variant, seed, unit) for k, (variant, seed) in enumerate(unit)])
+    if not beside:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            return list(pool.map(lambda item: run(*item), [item for unit in members for item in unit]))
+    out: list[dict[str, Any] | None] = []
+    for unit in members:
+        with ThreadPoolExecutor(max_workers=min(jobs, len(unit))) as pool:
+            out += list(pool.map(lambda item: run(*item), unit))
+    return out
 
 
 def _git_revision() -> str | None:
@@ -819,6 +953,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--eval_every", type=int, default=10, help="held-out evaluation every N steps")
     parser.add_argument("--smooth", type=int, default=3, help="moving-average window over evaluations (odd, >= 1)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at the same time (each pinned to 1 thread if >1)")
+    parser.add_argument(
+        "--timing",
+        choices=("beside", "shared"),
+        default="beside",
+        help="beside: each variant trains at the same time as its own vanilla run of the seed and is timed against it "
+        "(vanilla's own runs pair up two seeds); shared: runs fill --jobs slots in plan order",
+    )
     parser.add_argument("--readme", default=None, help="also write the tables into this README's bench block")
     parser.add_argument(
         "--reuse", action="store_true", help="read back finished runs of the same command instead of training again"
@@ -849,22 +990,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         extra += ["--torch_threads", "1"]
 
     os.makedirs(args.output_dir, exist_ok=True)
-    plan = plan_runs(seeds, variants, method_variants, method_seeds)
-    with ThreadPoolExecutor(max_workers=1 if args.report_only else args.jobs) as pool:
-        runs = list(
-            pool.map(
-                lambda i: run_one(
-                    args.recipe,
-                    *plan[i],
-                    args.output_dir,
-                    extra,
-                    port=29600 + i % 100,
-                    reuse=args.reuse,
-                    train=not args.report_only,
-                ),
-                range(len(plan)),
-            )
+    beside = args.timing == "beside"
+    units = plan_runs(seeds, variants, method_variants, method_seeds, beside)
+    plan = [run for unit in units for run in unit]
+
+    def run(index: int, variant: str, seed: int, unit: list[tuple[str, int]]) -> dict[str, Any] | None:
+        # a unit is read back only whole: partners that did not train together are not partners
+        whole = all(reusable(*run_command(args.recipe, v, s, args.output_dir, extra, beside)) for v, s in unit)
+        return run_one(
+            args.recipe,
+            variant,
+            seed,
+            args.output_dir,
+            extra,
+            port=29600 + index % 100,
+            reuse=args.reuse and whole,
+            train=not args.report_only,
+            beside=beside,
         )
+
+    runs = execute(units, 1 if args.report_only else args.jobs, beside, run)
     results = [summarize(run, args.smooth) for run in runs if run is not None]
     rows = aggregate(results)
     check = resolution_check(rows)

@@ -14,7 +14,7 @@ import csv
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -153,13 +153,19 @@ def use_compact_console(trainer: Any, recorder: MetricsRecorder) -> None:
 
 class StopAfterSeconds(TrainerCallback):
     """End training after the optimizer step at which `recorder`'s training clock (evaluations excluded) reaches
-    `seconds`; `max_steps` still applies. The benchmark runs faster variants to vanilla's wall-clock this way."""
+    `seconds`; `max_steps` still applies. The benchmark runs faster variants to vanilla's wall-clock this way.
 
-    def __init__(self, recorder: MetricsRecorder, seconds: float):
-        if not seconds > 0:
+    `seconds` may be a callable returning the limit, or None while it is not known yet (`after_run`: the limit is
+    another run's training seconds once that run has finished)."""
+
+    def __init__(self, recorder: MetricsRecorder, seconds: float | Callable[[], float | None]):
+        if not callable(seconds) and not seconds > 0:
             raise ValueError(f"max_train_seconds must be > 0, got {seconds}.")
         self.recorder = recorder
-        self.seconds = float(seconds)
+        self.seconds = seconds if callable(seconds) else float(seconds)
+
+    def limit(self) -> float | None:
+        return self.seconds() if callable(self.seconds) else self.seconds
 
     def on_step_end(self, args, state, control, **kwargs):
         # The main process's clock decides for every process (evaluations pause it on the main process only).
@@ -167,11 +173,33 @@ class StopAfterSeconds(TrainerCallback):
         from accelerate.utils import broadcast
 
         state_ = PartialState()
-        stop = torch.tensor([float(self.recorder.training_seconds() >= self.seconds)], device=state_.device)
+        limit = self.limit()
+        passed = limit is not None and self.recorder.training_seconds() >= limit
+        stop = torch.tensor([float(passed)], device=state_.device)
         if state_.num_processes > 1:
             stop = broadcast(stop, from_process=0)
         if bool(stop.item()):
             control.should_training_stop = True
+
+
+def after_run(summary_path: str, margin: float) -> Callable[[], float | None]:
+    """A `StopAfterSeconds` limit: `margin` x the training seconds of the run whose `summary.json` is
+    `summary_path`, once that file exists (None until then). The benchmark's variants stop this way a little after
+    the vanilla run that trains beside them has finished."""
+    if not margin > 0:
+        raise ValueError(f"stop_after_run_margin must be > 0, got {margin}.")
+    known: list[float] = []
+
+    def limit() -> float | None:
+        if not known and os.path.exists(summary_path):
+            try:
+                with open(summary_path) as f:
+                    known.append(float(json.load(f)["train_seconds"]) * margin)
+            except (OSError, ValueError, KeyError):  # being written: read it at the next step
+                return None
+        return known[0] if known else None
+
+    return limit
 
 
 class PeriodicEvaluation(TrainerCallback):

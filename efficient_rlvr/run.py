@@ -26,6 +26,7 @@ from .reporting import (
     MetricsRecorder,
     PeriodicEvaluation,
     StopAfterSeconds,
+    after_run,
     plot_reward_vs_time,
     use_compact_console,
 )
@@ -70,6 +71,17 @@ class RunArguments:
             "help": "Also stop after the optimizer step at which this many training seconds (evaluations excluded) "
             "have passed; max_steps still applies. None: max_steps only."
         },
+    )
+    stop_after_run: str | None = field(
+        default=None,
+        metadata={
+            "help": "Another run's summary.json: once it exists, also stop after the optimizer step at which this run's "
+            "training clock passes that run's training seconds x stop_after_run_margin (the benchmark's variants stop "
+            "so, a little after the vanilla run beside them). None: no such limit."
+        },
+    )
+    stop_after_run_margin: float = field(
+        default=1.15, metadata={"help": "Multiplier of the other run's training seconds for stop_after_run."}
     )
     reference_record: str | None = field(
         default="docs/bench/bench.json",
@@ -185,6 +197,10 @@ def train(run_args: RunArguments, training_args: GRPOConfig, model_args: ModelCo
 
     if run_args.trainer not in ("efficient", "trl"):
         raise ValueError(f"trainer must be 'efficient' or 'trl', got {run_args.trainer!r}")
+    if run_args.max_train_seconds is not None and not run_args.max_train_seconds > 0:
+        raise ValueError(f"max_train_seconds must be > 0, got {run_args.max_train_seconds}.")
+    if not run_args.stop_after_run_margin > 0:
+        raise ValueError(f"stop_after_run_margin must be > 0, got {run_args.stop_after_run_margin}.")
     if run_args.torch_threads is not None:
         torch.set_num_threads(run_args.torch_threads)
     model_args = model_args or ModelConfig()
@@ -236,6 +252,10 @@ def train(run_args: RunArguments, training_args: GRPOConfig, model_args: ModelCo
         trainer.add_callback(periodic)
     if run_args.max_train_seconds is not None:
         trainer.add_callback(StopAfterSeconds(recorder, run_args.max_train_seconds))
+    if run_args.stop_after_run is not None:
+        trainer.add_callback(
+            StopAfterSeconds(recorder, after_run(run_args.stop_after_run, run_args.stop_after_run_margin))
+        )
     if is_main:
         print(f"held-out accuracy before training: {_fmt_eval(before)}", flush=True)
     trainer.accelerator.wait_for_everyone()

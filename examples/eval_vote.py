@@ -35,7 +35,8 @@ from typing import Any
 import torch
 
 from efficient_rlvr.pruning import QualityHead, choose_vote, majority_vote, weighted_vote
-from efficient_rlvr.pruning.diagnose import deepconf, rollout_features, sample_candidates
+from efficient_rlvr.pruning.confidence import deepconf
+from efficient_rlvr.pruning.diagnose import rollout_features, sample_candidates
 from efficient_rlvr.rewards import extract_answer, verifier_reward
 
 SCORERS = ("head", "deepconf")

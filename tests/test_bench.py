@@ -50,10 +50,9 @@ def test_faster_variants_stop_at_vanillas_wall_clock_once_it_is_known(tmp_path):
     assert "--max_train_seconds" not in vanilla
 
 
-def test_stop_after_seconds_ends_training_at_the_step_that_passes_the_clock():
-    from transformers import TrainerControl, TrainerState
-
-    from efficient_rlvr.reporting import MetricsRecorder, StopAfterSeconds
+def _clock():
+    """A MetricsRecorder whose training clock reads `.now`."""
+    from efficient_rlvr.reporting import MetricsRecorder
 
     class Clock(MetricsRecorder):
         now = 0.0
@@ -61,22 +60,104 @@ def test_stop_after_seconds_ends_training_at_the_step_that_passes_the_clock():
         def training_seconds(self):
             return self.now
 
-    recorder = Clock("/tmp/unused")
-    stop = StopAfterSeconds(recorder, 10.0)
+    return Clock("/tmp/unused")
+
+
+def _stops_at(stop, recorder, now: float) -> bool:
+    """Whether `stop` ends training after a step that finishes at training second `now`."""
+    from transformers import TrainerControl, TrainerState
+
+    recorder.now = now
     control = TrainerControl()
-    recorder.now = 9.9
     stop.on_step_end(None, TrainerState(), control)
-    assert not control.should_training_stop
-    recorder.now = 10.0
-    stop.on_step_end(None, TrainerState(), control)
-    assert control.should_training_stop
+    return control.should_training_stop
+
+
+def test_stop_after_seconds_ends_training_at_the_step_that_passes_the_clock():
+    from efficient_rlvr.reporting import StopAfterSeconds
+
+    recorder = _clock()
+    stop = StopAfterSeconds(recorder, 10.0)
+    assert not _stops_at(stop, recorder, 9.9) and _stops_at(stop, recorder, 10.0)
     with pytest.raises(ValueError, match="max_train_seconds"):
         StopAfterSeconds(recorder, 0.0)
 
 
 def test_plan_runs_whole_seeds_first_and_method_rows_on_their_seeds():
     plan = bench.plan_runs([0, 1], ["trl", "skip"], ["greso", "skip"], [0])
-    assert plan == [("trl", 0), ("skip", 0), ("greso", 0), ("trl", 1), ("skip", 1)]
+    assert plan == [[("trl", 0)], [("skip", 0)], [("greso", 0)], [("trl", 1)], [("skip", 1)]]
+
+
+def test_plan_runs_beside_pairs_every_variant_with_its_own_vanilla_run():
+    units = bench.plan_runs([0, 1, 2], ["trl", "skip"], ["greso"], [0], beside=True)
+    partner = bench.partner_of("skip")
+    assert units == [
+        [("trl", 0), ("trl", 1)],  # vanilla's own runs: two seeds side by side
+        [("trl", 2)],
+        [(partner, 0), ("skip", 0)],
+        [(bench.partner_of("greso"), 0), ("greso", 0)],
+        [(partner, 1), ("skip", 1)],
+        [(partner, 2), ("skip", 2)],
+    ]
+    assert bench.base_variant(partner) == "trl" and bench.base_variant("skip") == "skip"
+
+
+def test_beside_a_variant_stops_after_its_partner_and_the_partner_trains_vanilla(tmp_path):
+    (tmp_path / "trl-seed3").mkdir()
+    (tmp_path / "trl-seed3" / "summary.json").write_text(json.dumps({"train_seconds": 700.0}))
+    _, cmd = bench.run_command(RECIPE, "skip", 3, str(tmp_path), ["--max_steps", "150"], beside=True)
+    assert "--max_train_seconds" not in cmd  # not the `trl` run's clock, which shared the machine with another run
+    limit = cmd[cmd.index("--stop_after_run") + 1]
+    assert limit == str(tmp_path / f"{bench.partner_of('skip')}-seed3" / "summary.json")
+    assert cmd[cmd.index("--stop_after_run_margin") + 1] == str(bench.TIME_MARGIN)
+    partner_dir, partner = bench.run_command(RECIPE, bench.partner_of("skip"), 3, str(tmp_path), [], beside=True)
+    _, vanilla = bench.run_command(RECIPE, "trl", 3, str(tmp_path), [])
+    assert partner_dir.endswith("trl-beside-skip-seed3") and "--stop_after_run" not in partner
+    assert partner[partner.index("--seed") :] == vanilla[vanilla.index("--seed") :]  # the same training job
+
+
+def test_execute_beside_starts_a_units_runs_together_and_units_one_after_the_other():
+    import threading
+
+    units = bench.plan_runs([0, 1], ["trl", "skip"], [], [], beside=True)
+    barrier = threading.Barrier(2, timeout=10)
+    active, seen = [], []
+    lock = threading.Lock()
+
+    def run(index, variant, seed, unit):
+        with lock:
+            assert all(u is unit for u in active), "a run started before the previous unit had finished"
+            active.append(unit)
+        if len(unit) == 2:
+            barrier.wait()  # raises BrokenBarrierError unless its partner runs at the same time
+        with lock:
+            active.remove(unit)
+            seen.append((index, variant, seed))
+        return {"variant": variant, "seed": seed}
+
+    out = bench.execute(units, 2, True, run)
+    assert [(r["variant"], r["seed"]) for r in out] == [run_ for unit in units for run_ in unit]
+    assert sorted(i for i, _, _ in seen) == list(range(6))
+
+
+def test_stop_after_another_run_waits_for_its_summary(tmp_path):
+    from efficient_rlvr.reporting import StopAfterSeconds, after_run
+
+    recorder = _clock()
+    summary = tmp_path / "summary.json"
+    stop = StopAfterSeconds(recorder, after_run(str(summary), 1.15))
+    assert not _stops_at(stop, recorder, 1e6)  # the other run has not finished: no limit yet
+    summary.write_text(json.dumps({"train_seconds": 100.0}))
+    assert not _stops_at(stop, recorder, 114.0) and _stops_at(stop, recorder, 115.0)
+    with pytest.raises(ValueError, match="stop_after_run_margin"):
+        after_run(str(summary), 0.0)
+
+
+def test_bad_stop_after_run_margin_is_refused_before_any_model_work():
+    from efficient_rlvr.run import RunArguments, train
+
+    with pytest.raises(ValueError, match="stop_after_run_margin"):
+        train(RunArguments(stop_after_run="x/summary.json", stop_after_run_margin=0.0), None)
 
 
 @pytest.mark.parametrize(
@@ -248,6 +329,29 @@ def test_aggregate_and_resolution_check_pass_when_skip_resolves():
     assert "| skip | 5 |" in table and "Resolution check (passed)" in table
 
 
+def test_a_variant_beside_its_partner_is_timed_against_the_partners_clock():
+    """Vanilla's `trl` run of the seed took 100 s beside another heavy run; beside the light variant, the same job
+    (the same curve) took 70 s. The variant's 50 s run is 1.4x faster than its partner, not 2x."""
+    runs = [
+        _run("trl", 0, VANILLA),
+        _run(bench.partner_of("skip"), 0, VANILLA, seconds=70.0),
+        _run("skip", 0, VANILLA, seconds=50.0),
+        _run("greso", 0, VANILLA, seconds=50.0),  # no partner: against the `trl` run
+    ]
+    rows = {r["variant"]: r for r in bench.aggregate([bench.summarize(r) for r in runs])}
+    assert set(rows) == {"trl", "skip", "greso"}  # partners are clocks, not rows
+    assert rows["skip"]["speedup"][1.0]["median"] == pytest.approx(1.4)
+    assert rows["skip"]["step_time_ratio"] == pytest.approx(1.4)
+    assert rows["skip"]["timing"] == "beside" and rows["skip"]["vanilla_seconds_per_step"] == pytest.approx(7.0)
+    assert rows["skip"]["partner_curve_matches"] is True
+    assert rows["greso"]["speedup"][1.0]["median"] == pytest.approx(2.0) and rows["greso"]["timing"] == "shared"
+    table = bench.markdown_table(list(rows.values()), {"description": "test."}, None)
+    assert "| skip † |" in table and "| greso |" in table and "curves equal" in table
+    diverged = [*runs[:1], _run(bench.partner_of("skip"), 0, [0.3, 0.4, 0.5, 0.6, 0.6]), runs[2]]
+    rows = {r["variant"]: r for r in bench.aggregate([bench.summarize(r) for r in diverged])}
+    assert rows["skip"]["partner_curve_matches"] is False
+
+
 def test_resolution_check_needs_two_seeds():
     assert bench.resolution_check(bench.aggregate(_record([1.3]))) is None
 
@@ -302,7 +406,7 @@ def test_report_only_writes_a_partial_record_from_finished_runs(tmp_path):
             str(out),
         ]
     )
-    assert record["finished_runs"] == 2 and record["planned_runs"] == 4
+    assert record["finished_runs"] == 2 and record["planned_runs"] == 6  # beside: skip's partners are planned too
     assert (out / "accuracy_vs_time.png").exists() and (out / "bench.md").exists()
     assert "partial record" in (out / "bench.md").read_text()
 

@@ -123,6 +123,12 @@ TABLE = [
     # ---- pruning (ARRoL)
     bad("pruning_mode", "pruning_mode must be one of ('arrol', 'random'), got 'greedy'", pruning_mode="greedy"),
     good("pruning_mode", pruning_mode="random"),
+    bad(
+        "pruning_scorer",
+        "pruning_scorer must be one of ('head', 'confidence'), got 'oracle'",
+        pruning_scorer="oracle",
+    ),
+    good("pruning_scorer", pruning_scorer="confidence"),
     bad("pruning_l_detect", "pruning_l_detect must be in [1, inf], got 0", pruning_l_detect=0),
     bad("pruning_l_detect", "pruning_l_detect must be an int, got 2.5", pruning_l_detect=2.5),
     good("pruning_l_detect", pruning_l_detect=1),
@@ -354,6 +360,7 @@ TYPES = {
     "dynamic_sampling_max_rounds": ("int", [-1, 0, HUGE_INT]),
     "pruning": ("bool", []),
     "pruning_mode": ("str", []),
+    "pruning_scorer": ("str", []),
     "pruning_l_detect": ("int", [-1, 0, HUGE_INT, 2**31]),
     "pruning_keep_rate": ("float", [*NEG, HUGE_FLOAT]),
     "pruning_lambda": ("float", list(NEG)),  # unbounded above

@@ -300,9 +300,19 @@ def _state(index: int, length: int) -> torch.Tensor:
     return torch.randn(WIDTH, generator=gen)
 
 
-def _simulate(callback: OnlinePruningCallback, requests: list[RolloutRequest], lengths: list[int]) -> RolloutResult:
-    """One generation: every active request gains a token per step; finished at its length; aborts stop it."""
+class _Logprob:  # vLLM's Logprob: the callback reads `.logprob`
+    def __init__(self, value: float):
+        self.logprob = value
+
+
+def _simulate(
+    callback: OnlinePruningCallback, requests: list[RolloutRequest], lengths: list[int], logprob=None
+) -> RolloutResult:
+    """One generation: every active request gains a token per step; finished at its length; aborts stop it.
+    `logprob(index, n)`: the sampled log-prob of token n of request `index`, handed over as vLLM does (a dict per
+    position); None: hidden states instead."""
     callback.on_generation_start(requests)
+    logprobs = {r.request_id: [] for r in requests}
     tokens = {r.request_id: [] for r in requests}
     active = {r.request_id for r in requests}
     aborted_at: dict[str, int] = {}
@@ -315,7 +325,14 @@ def _simulate(callback: OnlinePruningCallback, requests: list[RolloutRequest], l
             tokens[r.request_id].append(7)
             n = len(tokens[r.request_id])
             finished = n >= lengths[r.index]
-            partials.append(PartialRollout(r.request_id, r.index, tokens[r.request_id], finished, _state(r.index, n)))
+            if logprob is None:
+                partial = PartialRollout(r.request_id, r.index, tokens[r.request_id], finished, _state(r.index, n))
+            else:
+                logprobs[r.request_id].append({7: _Logprob(logprob(r.index, n))})
+                partial = PartialRollout(
+                    r.request_id, r.index, tokens[r.request_id], finished, None, logprobs[r.request_id]
+                )
+            partials.append(partial)
             if finished:
                 active.discard(r.request_id)
         for rid in callback.on_step(RolloutStep(step, partials)):
@@ -443,3 +460,40 @@ def test_callback_validation():
         OnlinePruningCallback(head, cal, mode="greedy")
     with pytest.raises(RuntimeError, match="QualityHeadTrainer"):
         OnlinePruningCallback(head, cal).observe({})
+
+
+def _confident(index: int, n: int) -> float:
+    """Odd rollouts of each group are sure of every token; even ones hesitate once, at token 3."""
+    return -0.05 if index % 2 or n != 3 else -2.0
+
+
+def test_confidence_scorer_scores_the_sampled_tokens_and_learns_nothing():
+    from efficient_rlvr.pruning.confidence import WINDOW, deepconf
+
+    cal = BinnedCalibrator(kappa=0.5, cold_start_steps=0)
+    cb = OnlinePruningCallback(QualityHeadTrainer(QualityHead(WIDTH, seed=0)), cal, l_detect=5, scorer="confidence")
+    assert not cb.needs_hidden_states  # the engine captures no hidden states for it
+    result = _simulate(cb, _requests(2, 4), [12] * 8, logprob=_confident)
+    for d in cb.decisions:
+        values = torch.tensor([_confident(d.index, n) for n in range(1, 6)])  # the L_detect = 5 tokens it saw
+        assert d.score == pytest.approx(math.exp(deepconf(values, 5)[1]))
+    hesitant = [d.score for d in cb.decisions if d.index % 2 == 0]
+    assert WINDOW == 4 and max(hesitant) == pytest.approx(math.exp((-2.0 - 0.15) / 4))
+    assert min(d.score for d in cb.decisions if d.index % 2) == pytest.approx(math.exp(-0.05))
+    ids, detect, last, values = cb.training_batch([float(i % 2) for i in range(8)], result.request_ids)
+    assert detect.shape == (len(ids), 2) and last.shape == (len(ids), 2)
+    metrics = cb.observe([float(i % 2) for i in range(8)], result.request_ids)
+    assert cb.trainer.num_updates == 0 and "pruning/head_loss" not in metrics  # no head to train
+    assert metrics["pruning/head_within_group_auc_last"] == pytest.approx(1.0)  # confident ones were right
+    state = cb.state_dict()
+    head = OnlinePruningCallback(QualityHeadTrainer(QualityHead(WIDTH, seed=0)), BinnedCalibrator(), l_detect=5)
+    with pytest.raises(ValueError, match="scorer"):
+        head.load_state_dict(state)
+
+
+def test_confidence_scorer_needs_the_engines_logprobs():
+    cb = OnlinePruningCallback(QualityHead(WIDTH), BinnedCalibrator(), l_detect=2, scorer="confidence")
+    with pytest.raises(RuntimeError, match="logprobs=0"):
+        _simulate(cb, _requests(1, 2), [4, 4])  # hidden states only, as with SamplingParams(logprobs=None)
+    with pytest.raises(ValueError, match="scorer"):
+        OnlinePruningCallback(QualityHead(WIDTH), BinnedCalibrator(), scorer="oracle")

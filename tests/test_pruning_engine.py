@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import math
 import types
 
 import pytest
@@ -246,3 +247,25 @@ def test_pruning_resume_through_the_engine_repeats_decisions(llm, hidden_size):
     assert [d.draw for d in a.decisions] == [d.draw for d in b.decisions]
     assert [d.score for d in a.decisions] == pytest.approx([d.score for d in b.decisions], abs=0)
     assert ra.completion_ids == rb.completion_ids and any(ra.aborted)
+
+
+def test_confidence_scorer_reads_vllms_sampled_logprobs_without_hidden_states(llm, hidden_size):
+    from efficient_rlvr.pruning.confidence import deepconf
+
+    seeds = list(range(300, 300 + len(PROMPTS)))
+    calibrator = BinnedCalibrator(kappa=0.0, p_min=0.0, p_max=0.0, cold_start_steps=0)
+    callback = OnlinePruningCallback(
+        QualityHeadTrainer(QualityHead(hidden_size, seed=0)),
+        calibrator,
+        l_detect=L_DETECT,
+        min_survivors_per_group=2,
+        scorer="confidence",
+    )
+    engine = StepwiseRolloutEngine(llm)
+    full = engine.generate(PROMPTS, _seeded(seeds))
+    result = engine.generate(PROMPTS, _seeded(seeds), callbacks=[callback])
+    assert result.hook_seconds == 0.0  # no hidden-state hook was installed
+    assert callback.pruned_ids and all(result.aborted_at[d.index] == L_DETECT for d in callback.decisions if d.pruned)
+    for d in callback.decisions:
+        sampled = torch.tensor([pos[0] for pos in full.logprobs[d.index][:L_DETECT]])  # the same tokens, unpruned
+        assert d.score == pytest.approx(math.exp(deepconf(sampled, L_DETECT)[1]), rel=1e-5)

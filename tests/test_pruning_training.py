@@ -572,3 +572,42 @@ def test_vote_falls_back_to_majority_with_an_uninformative_head(run, chain_sum_s
     assert choose_vote([1, 0, 1], [1, 1, 1]) == "weighted"
     assert choose_vote([1, 0, 1], [1, 1, 0]) == "majority"
     assert choose_vote([], []) == "majority"
+
+
+def test_confidence_scorer_prunes_on_vllms_logprobs_in_training(base_model_dir, chain_sum_splits, tmp_path):
+    """`pruning_scorer="confidence"` in a real run: pruned at L_detect on DeepConf's lowest-window confidence of the
+    sampled tokens vLLM returned, no hidden-state hook, the head untouched; the gate watches the confidence."""
+    from efficient_rlvr.pruning.confidence import deepconf
+
+    train_ds, _ = chain_sum_splits
+    trainer = EfficientGRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32),
+        reward_funcs=[verifier_reward],
+        args=EfficientGRPOConfig(
+            **_kwargs(str(tmp_path), max_steps=3, pruning_cold_start_steps=1, pruning_scorer="confidence")
+        ),
+        train_dataset=train_ds,
+        processing_class=load_tokenizer_for(base_model_dir),
+    )
+    stage = trainer.rollout_generation
+    head_before = copy.deepcopy(stage.head.state_dict())
+    seen = []
+    original = stage.process
+
+    def recording_process(trainer_, rows, batch, rewards):
+        seen.append((stage.last_result, list(stage.callback.decisions)))
+        return original(trainer_, rows, batch, rewards)
+
+    stage.process = recording_process
+    trainer.train()
+    assert all(torch.equal(v, stage.head.state_dict()[k]) for k, v in head_before.items())  # nothing trained
+    assert all(result.hook_seconds == 0.0 for result, _ in seen)
+    pruned = 0
+    for result, decisions in seen:
+        for d in decisions:
+            sampled = torch.tensor([pos[0] for pos in result.logprobs[d.index][:L_DETECT]])
+            assert d.score == pytest.approx(math.exp(deepconf(sampled, L_DETECT)[1]), rel=1e-5)
+            pruned += d.pruned
+    assert pruned > 0
+    # the online within-group AUC the gate reads is the confidence's own
+    assert any("pruning/head_within_group_auc" in h for h in trainer.state.log_history)

@@ -11,6 +11,12 @@ Algorithm (ARRoL, arXiv 2603.24840, Algorithm 1 and section 4; SPEC section 2 wi
   member that lags by a few steps (e.g. its prefill was chunked into a later step) holds the group back that many
   steps, and the waiting rollouts keep generating meanwhile (a pruned one then stops a few tokens after
   ``L_detect``; its score is still the one at ``L_detect``). A waiting rollout that finishes is not pruned.
+- Scorer (``scorer``): ``"head"`` as above; ``"confidence"`` scores the rollout by DeepConf's trace confidence of
+  its sampled tokens so far (`efficient_rlvr.pruning.confidence`: exp of the lowest 4-token mean log-prob, from the
+  log-probs vLLM returns with each step), in place of the head's score wherever the head's score is used below
+  (decisions, group means, calibrator, gate); no hidden state is captured and nothing is trained. A deviation from
+  ARRoL, which trains its head: on the embedded task the head does not rank the rollouts of one prompt and the
+  trace confidence does (``docs/head/head.json``).
 - Survival probability (calibrator's ``survival_rule``; default ``"group_relative"``):
   ``p_i = clip(kappa + delta + lambda sign(q_bar_g - rho) (q_bar_g - q_i), p_min, p_max)`` with ``q_i`` the calibrated
   posterior of the score and ``q_bar_g`` the mean ``q`` over the group's known members: those being decided and
@@ -49,11 +55,14 @@ from typing import Any
 import torch
 
 from efficient_rlvr.pruning.calibration import BinnedCalibrator
+from efficient_rlvr.pruning.confidence import CONFIDENCE_FEATURES, confidence_features, confidence_score
 from efficient_rlvr.pruning.engine import RolloutCallback, RolloutRequest, RolloutResult, RolloutStep
 from efficient_rlvr.pruning.gate import HeadGate
 from efficient_rlvr.pruning.head import QualityHead, QualityHeadTrainer, roc_auc, within_group_auc
 
-__all__ = ["OnlinePruningCallback", "PruneDecision"]
+__all__ = ["SCORERS", "OnlinePruningCallback", "PruneDecision"]
+
+SCORERS = ("head", "confidence")
 
 
 @dataclass(frozen=True)
@@ -101,9 +110,11 @@ class OnlinePruningCallback(RolloutCallback):
             with probability ``calibrator.kappa``: the paper's random-pruning ablation; the head still learns).
         gate: a :class:`HeadGate` that stops ``"arrol"`` pruning while the head does not rank within groups; None:
             no gate. :meth:`learn` feeds it when given the rollouts' groups.
+        scorer: ``"head"`` (the quality head on the hidden state) or ``"confidence"`` (DeepConf's trace confidence of
+            the sampled tokens so far, `efficient_rlvr.pruning.confidence`: no hidden states are captured, the head is
+            not trained, and the "states" recorded at ``L_detect`` and at the last token are the ``[2]``
+            `confidence_features`; the calibrator, the survival rule and the gate are the same).
     """
-
-    needs_hidden_states = True
 
     def __init__(
         self,
@@ -115,6 +126,7 @@ class OnlinePruningCallback(RolloutCallback):
         reward_threshold: float = 0.5,
         mode: str = "arrol",
         gate: HeadGate | None = None,
+        scorer: str = "head",
     ):
         if isinstance(head, QualityHeadTrainer):
             self.trainer: QualityHeadTrainer | None = head
@@ -141,6 +153,10 @@ class OnlinePruningCallback(RolloutCallback):
         if mode not in ("arrol", "random"):
             raise ValueError(f"mode must be 'arrol' or 'random', got {mode!r}")
         self.mode = mode
+        if scorer not in SCORERS:
+            raise ValueError(f"scorer must be one of {SCORERS}, got {scorer!r}")
+        self.scorer = scorer
+        self.needs_hidden_states = scorer == "head"  # the engine captures hidden states only when asked
         self.gate = gate if gate is not None else HeadGate(0.0)
         self.calibrator = calibrator
         self.l_detect = l_detect
@@ -206,7 +222,7 @@ class OnlinePruningCallback(RolloutCallback):
             length = len(rollout.token_ids)
             self._current[request_id] = length
             if rollout.finished:
-                state = self._require_state(rollout.hidden_state, request_id)
+                state = self._state(rollout)
                 self._last_states[request_id] = state.clone()
                 self._detect_states.setdefault(request_id, self._last_states[request_id])
                 self._lengths[request_id] = length
@@ -218,7 +234,7 @@ class OnlinePruningCallback(RolloutCallback):
             elif (
                 length >= self.l_detect and request_id not in self._decisions and request_id not in self._detect_states
             ):
-                self._detect_states[request_id] = self._require_state(rollout.hidden_state, request_id).clone()
+                self._detect_states[request_id] = self._state(rollout).clone()
                 self._waiting.setdefault(request.group_id, []).append(request_id)
         ready = [g for g in self._waiting if self._group_ready(g, advanced)]
         if not ready:
@@ -236,15 +252,15 @@ class OnlinePruningCallback(RolloutCallback):
         return True
 
     def _decide(self, candidates: list[str]) -> list[str]:
-        states = torch.stack([self._detect_states[rid] for rid in candidates])  # [M, H]
-        scores = self.head.score(states)  # [M]
+        states = torch.stack([self._detect_states[rid] for rid in candidates])  # [M, H] (confidence: [M, 2])
+        scores = self.score(states)  # [M]
         posterior = self.calibrator.posterior(scores)  # [M]
         for rid, q in zip(candidates, posterior.tolist(), strict=True):
             self._q[rid] = q
         groups = {self._requests[rid].group_id for rid in candidates}
         finished = [rid for g in groups for rid in self._members[g] if rid in self._lengths and rid not in self._q]
         if finished:  # finished members enter the group mean with their last-token score
-            last = self.calibrator.posterior(self.head.score(torch.stack([self._last_states[r] for r in finished])))
+            last = self.calibrator.posterior(self.score(torch.stack([self._last_states[r] for r in finished])))
             self._q.update(zip(finished, last.tolist(), strict=True))
         mean_of = {}
         for g in groups:
@@ -293,11 +309,22 @@ class OnlinePruningCallback(RolloutCallback):
             )
         return to_abort
 
-    @staticmethod
-    def _require_state(state: torch.Tensor | None, request_id: str) -> torch.Tensor:
-        if state is None:
-            raise RuntimeError(f"no hidden state for {request_id}: the engine must capture hidden states")
-        return state.detach()
+    def _state(self, rollout: Any) -> torch.Tensor:
+        """What the scorer reads of a rollout now: its hidden state ``[H]`` or its `confidence_features` ``[2]``."""
+        if self.scorer == "confidence":
+            return confidence_features(rollout.token_ids, rollout.logprobs)
+        if rollout.hidden_state is None:
+            raise RuntimeError(f"no hidden state for {rollout.request_id}: the engine must capture hidden states")
+        return rollout.hidden_state.detach()
+
+    def score(self, states: torch.Tensor) -> torch.Tensor:
+        """Scores in [0, 1] of recorded states ``[N, H]`` (head) or ``[N, 2]`` (confidence): ``-> [N]``."""
+        return self.head.score(states) if self.scorer == "head" else confidence_score(states)
+
+    @property
+    def state_width(self) -> int:
+        """Width of the recorded states: the head's input, or the number of confidence features."""
+        return self.head.hidden_size if self.scorer == "head" else len(CONFIDENCE_FEATURES)
 
     def on_generation_end(self, result: RolloutResult) -> None:
         """Summarise the generation into ``pruning/`` metrics."""
@@ -381,8 +408,7 @@ class OnlinePruningCallback(RolloutCallback):
             and rewards[rid] == rewards[rid]  # not NaN
         ]
         if not ids:
-            width = self.head.hidden_size
-            empty = torch.zeros(0, width)
+            empty = torch.zeros(0, self.state_width)
             return [], empty, empty.clone(), torch.zeros(0)
         detect = torch.stack([self._detect_states[rid] for rid in ids])  # [N, H]
         last = torch.stack([self._last_states[rid] for rid in ids])  # [N, H]
@@ -443,10 +469,11 @@ class OnlinePruningCallback(RolloutCallback):
         self.last_scores = torch.zeros(0)
         self.last_labels = torch.zeros(0)
         if values.numel():
-            scores = self.head.score(detect_states).cpu()  # [N], before the update
-            last_scores = self.head.score(last_states).cpu() if groups is not None else None  # [N]
+            scores = self.score(detect_states).cpu()  # [N], before the update
+            last_scores = self.score(last_states).cpu() if groups is not None else None  # [N]
             labels = self.trainer.labels(values)  # [N]
-            metrics.update(self.trainer.observe(detect_states, last_states, values))
+            if self.scorer == "head":  # trace confidence has nothing to learn
+                metrics.update(self.trainer.observe(detect_states, last_states, values))
             metrics["pruning/head_auc"] = roc_auc(scores, labels)
             mask = torch.ones(values.numel(), dtype=torch.bool)
             if calibrate is not None:
@@ -492,6 +519,7 @@ class OnlinePruningCallback(RolloutCallback):
         """
         return {
             "rng_state": self.rng.get_state(),
+            "scorer": self.scorer,
             "l_detect": self.l_detect,
             "min_survivors_per_group": self.min_survivors_per_group,
             "num_generations": self.num_generations,
@@ -508,6 +536,8 @@ class OnlinePruningCallback(RolloutCallback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
+        if state.get("scorer", "head") != self.scorer:
+            raise ValueError(f"checkpoint was taken with scorer {state.get('scorer', 'head')!r}, not {self.scorer!r}")
         self.rng.set_state(state["rng_state"])
         self.l_detect = int(state["l_detect"])
         self.min_survivors_per_group = int(state["min_survivors_per_group"])

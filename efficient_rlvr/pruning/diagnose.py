@@ -16,7 +16,7 @@ sampled, or its last token if shorter) and at its last token with:
 - ``saved_head``: the head of an ``EfficientGRPOTrainer`` checkpoint (``--state``), trained online on earlier
   rollouts (held out in time), as it is;
 - ``deepconf_mean`` / ``deepconf_lowest``: trace confidence as DeepConf (arXiv 2508.15260) defines it, the mean
-  log-prob of the sampled tokens and the lowest mean over a sliding window (``WINDOW`` tokens; the paper's windows
+  log-prob of the sampled tokens and the lowest mean over a sliding window (``confidence.WINDOW`` tokens; the paper's windows
   are thousands of tokens, these completions are tens), over the span up to the position;
 - ``random``: uniform scores (seeded);
 - ``slip_oracle``: a perfect detector of the first arithmetic slip in the text decoded so far (chain_sum traces are
@@ -47,10 +47,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .confidence import deepconf
 from .head import QualityHead, roc_auc, within_group_auc
 from .vote import majority_vote, weighted_vote
 
-WINDOW = 4  # DeepConf's sliding window, in tokens, for completions of ~10-45 tokens
 _STEP = re.compile(r"^\s*(-?\d+)\s*([+-])\s*(\d+)\s*=\s*(-?\d+)\s*$")
 HEAD_STEPS = 300  # full-batch Adam steps of each offline head variant
 HEAD_LR = 3e-3
@@ -155,16 +155,6 @@ def rollout_features(
             features[f"pooled_{pos}"][j] = states.mean(dim=0).cpu()
     features["logprobs"] = logprobs
     return features
-
-
-def deepconf(logprobs: torch.Tensor, n: int) -> tuple[float, float]:
-    """DeepConf trace confidence over the first ``n`` sampled tokens: (mean log-prob, lowest sliding-window mean)."""
-    span = logprobs[:n]
-    if span.numel() == 0:
-        return 0.0, 0.0
-    window = min(WINDOW, span.numel())
-    lowest = span.unfold(0, window, 1).mean(dim=1).min()
-    return float(span.mean()), float(lowest)
 
 
 def first_slip_free(text: str) -> bool:

@@ -84,6 +84,8 @@ class PartialRollout:
         finished: the request finished in this step (EOS, stop or length); finished requests cannot be aborted.
         hidden_state: ``[H]`` final-norm hidden state from which the newest token was sampled (the state over the
             prompt and ``len(token_ids) - 1`` generated tokens), or None when no callback asked for hidden states.
+        logprobs: per generated token, vLLM's dict token id -> ``Logprob`` (the sampled token's entry among them;
+            a live view like ``token_ids``), or None when the SamplingParams asked for no logprobs.
     """
 
     request_id: str
@@ -91,6 +93,7 @@ class PartialRollout:
     token_ids: Sequence[int]
     finished: bool
     hidden_state: torch.Tensor | None = None
+    logprobs: Sequence[Any] | None = None
 
 
 @dataclass
@@ -422,6 +425,7 @@ class StepwiseRolloutEngine:
                                 token_ids=completion.token_ids,
                                 finished=output.finished,
                                 hidden_state=rows.get(internal_ids[i]),
+                                logprobs=completion.logprobs,
                             )
                         )
                     if callbacks and partials:

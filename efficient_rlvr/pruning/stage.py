@@ -18,7 +18,9 @@ mode) and its first batch stage (`process`). One step:
    ``L_detect`` are never pruned; a group keeps at least ``pruning_min_survivors`` rollouts. Returns TRL's
    ``(completion_ids, logprobs)`` (top-1 sampled-token logprobs, as TRL keeps ``lp[0]``). ``pruning_mode="random"``
    keeps every decided rollout with probability ``kappa`` instead (the paper's random-pruning baseline; the head
-   still learns).
+   still learns). ``pruning_scorer="confidence"`` scores by DeepConf's trace confidence of the sampled tokens (from
+   the log-probs vLLM returns; `efficient_rlvr.pruning.confidence`) instead of the head: no hidden states are
+   captured, the head is not trained, and the recorded "states" below are the ``[2]`` confidence features.
 2. Old log-probs. TRL computes them in `_generate_and_score_completions` before any batch stage runs. After a
    generation with pruned rows, `generate` installs `efficient_rlvr.logprobs.PartialLogprobPass`: the no-grad pass
    over exactly this generation's rows runs the model on the surviving rows only; the pruned rows get their vLLM
@@ -346,6 +348,7 @@ class PruningStage:
             rng=self.seed,
             reward_threshold=self.correct_threshold,
             mode=args.pruning_mode,
+            scorer=args.pruning_scorer,
             gate=HeadGate(float(args.pruning_gate_min_auc), window=GATE_WINDOW, min_groups=GATE_MIN_GROUPS),
         )
         self.generation_calls = 0
