@@ -77,6 +77,17 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from typing import Any
 
+# ARRoL pruning scored by trace confidence; completions here are ~10-45 tokens, so L_detect 12 (as `arrol`).
+CONFIDENCE_PRUNING = [
+    "--pruning",
+    "true",
+    "--pruning_scorer",
+    "confidence",
+    "--pruning_l_detect",
+    "12",
+    "--pruning_cold_start_steps",
+    "5",
+]
 # variant name -> flags added to the recipe.
 VARIANTS: dict[str, list[str]] = {
     "trl": ["--trainer", "trl"],
@@ -150,17 +161,17 @@ VARIANTS: dict[str, list[str]] = {
     ],
     # ARRoL's pruning scored by DeepConf's trace confidence of the sampled tokens instead of the head (the same
     # calibrator, survival rule and gate).
-    "arrol_confidence": [
+    "arrol_confidence": ["--trainer", "efficient", *CONFIDENCE_PRUNING],
+    # The preset plus ARRoL's pruning scored by trace confidence: does rollout-side saving earn a place in it? The same
+    # time cap as the preset.
+    "efficient_prune": [
         "--trainer",
         "efficient",
-        "--pruning",
-        "true",
-        "--pruning_scorer",
-        "confidence",
-        "--pruning_l_detect",
-        "12",
-        "--pruning_cold_start_steps",
-        "5",
+        "--preset_recipe",
+        "efficient",
+        *CONFIDENCE_PRUNING,
+        "--max_steps_scale",
+        "2.5",
     ],
     # The same pruning at the same keep rate, survivors chosen at random (the paper's baseline).
     "random_prune": [
@@ -201,7 +212,7 @@ TIME_MARGIN = 1.15
 # lighter neighbour.
 PARTNER_PREFIX = "trl-beside-"
 METHOD_VARIANTS = ("greso", "arrol", "arrol_confidence", "random_prune", "cost_aware")
-ABLATION_VARIANTS = ("history_skip", "skip_old_logprobs", "efficient_cost")
+ABLATION_VARIANTS = ("history_skip", "skip_old_logprobs", "efficient_cost", "efficient_prune")
 DAPO = "dynamic_sampling"
 LEVELS = (0.5, 0.75, 1.0)
 # ARRoL (arXiv 2603.24840) Table 5, vanilla GRPO on Qwen3-1.7B-Base: seconds per phase -> the GPU cost profile.

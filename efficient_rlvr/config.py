@@ -32,7 +32,9 @@ PRESETS: dict[str, dict[str, object]] = {
     # from the loss's own forward pass, so TRL's extra no-grad pass over every rollout never runs. The last two leave
     # vanilla's gradient unchanged. Left out: ARRoL pruning (its head does not rank the rollouts of one prompt here:
     # within-group AUC 0.52-0.62, so it prunes nearly at random; with `pruning=True` its gate, `pruning_gate_min_auc`,
-    # stands it down in that case), the entropy median filter, cost-aware draws, the V0.5 baseline, HES selection and
+    # stands it down in that case; scored by trace confidence, `pruning_scorer="confidence"`, it ranks within groups
+    # but pruning on top of the preset cost learning per step and was not faster to vanilla's final), the entropy
+    # median filter, cost-aware draws, the V0.5 baseline, HES selection and
     # the adaptive budget. Any of them can be switched on on top.
     "efficient": {
         "selection_history": True,
