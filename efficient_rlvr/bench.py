@@ -13,8 +13,9 @@ vanilla's wall-clock, the comparison at equal wall-clock is read off a real curv
 than that.
 
 Timing (`--timing beside`, the default): two processes on two cores slow each other by an amount that depends on
-what the other one runs (seed 0's vanilla took 513 s beside the preset and 702 s beside a vanilla-sized run), so
-each variant's run trains at the same time as its own vanilla run of the seed (`trl-beside-<variant>`, the same
+what the other one runs (vanilla, median of 5 seeds: 4.37 s/step beside a vanilla-sized run, 3.73 s/step beside
+the preset, whose own step stayed at 2.2 s), so a shared schedule favours the variant with the lighter neighbour.
+Each variant's run trains at the same time as its own vanilla run of the seed (`trl-beside-<variant>`, the same
 command as `trl`; both start together and the next pair starts when both have ended). The variant's time figures are
 read against that run's clock, and it stops at `TIME_MARGIN` x that run's training seconds once that run has ended
 (`--stop_after_run`). The seeds' own `trl` runs pair up two seeds at a time; each partner must learn exactly like its
@@ -77,17 +78,13 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from typing import Any
 
-# ARRoL pruning scored by trace confidence; completions here are ~10-45 tokens, so L_detect 12 (as `arrol`).
-CONFIDENCE_PRUNING = [
-    "--pruning",
-    "true",
-    "--pruning_scorer",
-    "confidence",
-    "--pruning_l_detect",
-    "12",
-    "--pruning_cold_start_steps",
-    "5",
-]
+
+def _pruning(*flags: str) -> list[str]:
+    """ARRoL pruning with `flags` added; completions here are ~10-45 tokens, so L_detect 12 (about a third of the
+    generated tokens lie past it) and a 5-step cold start."""
+    return ["--pruning", "true", *flags, "--pruning_l_detect", "12", "--pruning_cold_start_steps", "5"]
+
+
 # variant name -> flags added to the recipe.
 VARIANTS: dict[str, list[str]] = {
     "trl": ["--trainer", "trl"],
@@ -147,21 +144,11 @@ VARIANTS: dict[str, list[str]] = {
     ],
     # HES Pos-High / Neg-Rand: half of each group's correct / incorrect rollouts kept for the loss.
     "hes": ["--trainer", "efficient", "--hes_selection", "true"],
-    # ARRoL: completions here are ~10-45 tokens, so L_detect 12 (about a third of the generated tokens lie past it)
-    # and a 5-step cold start.
-    "arrol": [
-        "--trainer",
-        "efficient",
-        "--pruning",
-        "true",
-        "--pruning_l_detect",
-        "12",
-        "--pruning_cold_start_steps",
-        "5",
-    ],
+    # ARRoL with its quality head and gate.
+    "arrol": ["--trainer", "efficient", *_pruning()],
     # ARRoL's pruning scored by DeepConf's trace confidence of the sampled tokens instead of the head (the same
     # calibrator, survival rule and gate).
-    "arrol_confidence": ["--trainer", "efficient", *CONFIDENCE_PRUNING],
+    "arrol_confidence": ["--trainer", "efficient", *_pruning("--pruning_scorer", "confidence")],
     # The preset plus ARRoL's pruning scored by trace confidence: does rollout-side saving earn a place in it? The same
     # time cap as the preset.
     "efficient_prune": [
@@ -169,23 +156,12 @@ VARIANTS: dict[str, list[str]] = {
         "efficient",
         "--preset_recipe",
         "efficient",
-        *CONFIDENCE_PRUNING,
+        *_pruning("--pruning_scorer", "confidence"),
         "--max_steps_scale",
         "2.5",
     ],
     # The same pruning at the same keep rate, survivors chosen at random (the paper's baseline).
-    "random_prune": [
-        "--trainer",
-        "efficient",
-        "--pruning",
-        "true",
-        "--pruning_mode",
-        "random",
-        "--pruning_l_detect",
-        "12",
-        "--pruning_cold_start_steps",
-        "5",
-    ],
+    "random_prune": ["--trainer", "efficient", *_pruning("--pruning_mode", "random")],
     # The preset plus Cost-Aware GRPO's draws: 70% of the rows that reach the loss (informative rows), drawn with
     # p ~ |A|/sqrt(tokens), importance-weighted; the same time cap.
     "efficient_cost": [
@@ -205,11 +181,7 @@ CORE_VARIANTS = ("trl", "dynamic_sampling", "skip", "efficient")
 # A variant with `--max_steps_scale` also stops once its training clock passes vanilla's (same seed, when that run
 # has finished) times this: the comparison at equal wall-clock needs the smoothed curve a few evaluations past it.
 TIME_MARGIN = 1.15
-# `--timing beside`: each variant's run trains at the same time as its own vanilla run of the same seed (this prefix +
-# the variant's name); the variant's time figures are read against that run's clock. Two processes on two cores slow
-# each other by an amount that depends on what the other one does (a side-by-side check of seed 0: vanilla 513 s
-# beside the preset, 702 s beside another vanilla-sized run), so a shared schedule favours whichever variant had the
-# lighter neighbour.
+# `--timing beside` (module docstring): a variant's own vanilla run is named this prefix + the variant's name.
 PARTNER_PREFIX = "trl-beside-"
 METHOD_VARIANTS = ("greso", "arrol", "arrol_confidence", "random_prune", "cost_aware")
 ABLATION_VARIANTS = ("history_skip", "skip_old_logprobs", "efficient_cost", "efficient_prune")

@@ -162,10 +162,8 @@ class StopAfterSeconds(TrainerCallback):
         if not callable(seconds) and not seconds > 0:
             raise ValueError(f"max_train_seconds must be > 0, got {seconds}.")
         self.recorder = recorder
-        self.seconds = seconds if callable(seconds) else float(seconds)
-
-    def limit(self) -> float | None:
-        return self.seconds() if callable(self.seconds) else self.seconds
+        fixed = None if callable(seconds) else float(seconds)
+        self.limit: Callable[[], float | None] = seconds if fixed is None else lambda: fixed
 
     def on_step_end(self, args, state, control, **kwargs):
         # The main process's clock decides for every process (evaluations pause it on the main process only).

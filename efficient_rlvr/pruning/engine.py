@@ -6,8 +6,9 @@ pool, so their remaining tokens are never generated and the scheduler fills the 
 makes one blocking ``llm.generate`` call; :class:`StepwiseRolloutEngine` replaces it with the loop that call runs
 internally (``LLMEngine.add_request`` / ``step`` / ``has_unfinished_requests``) and calls
 :class:`RolloutCallback` objects after every step. A callback sees each request that produced a token in that step
-(its generated token ids so far and, if it asks, the final-norm hidden state that produced the newest token) and may
-return request ids to abort (``LLMEngine.abort_request``).
+(its generated token ids so far, vLLM's log-probs of them when the SamplingParams ask for log-probs, and, if it
+asks, the final-norm hidden state that produced the newest token) and may return request ids to abort
+(``LLMEngine.abort_request``).
 
 Returned values mirror TRL 1.16 ``VLLMGeneration.generate`` in colocate mode (``prompt_ids``, ``completion_ids``,
 ``logprobs``, ``logprob_token_ids``; same nesting, same order as the prompts, logprobs sorted by rank with NaN ->
