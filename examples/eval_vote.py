@@ -10,10 +10,12 @@ weighted one only where it beat the majority vote on the first ``--calibration_p
 (`efficient_rlvr.pruning.choose_vote`); ``chosen_accuracy`` is that vote's accuracy on the other prompts, next to
 both votes' accuracy on the same prompts. ``--scorer deepconf`` weights the vote by DeepConf's trace confidence
 instead (arXiv 2508.15260: the lowest 4-token-window mean of the sampled tokens' log-probs under the policy, which
-ranks the candidates of one prompt better than the head on the embedded task; no head needed).
+ranks the candidates of one prompt better than the head on the embedded task; no head needed). ``--keep f`` lets
+only the best-scored fraction ``f`` of each prompt's candidates vote (DeepConf's confidence filter;
+`weighted_vote`'s ``keep``).
 
     python examples/eval_vote.py --model outputs/arrol/checkpoint-40 --state outputs/arrol/checkpoint-40 \
-        [--num_samples 8 --eval_size 400 --calibration_prompts 100 --scorer head|deepconf --output vote.json]
+        [--num_samples 8 --eval_size 400 --calibration_prompts 100 --scorer head|deepconf --keep 1.0 --output vote.json]
 
 ``--model``: a trained policy folder (a checkpoint folder holds model and tokenizer); ``--state``: the checkpoint
 folder or its ``efficient_rlvr_state.pt`` written by `EfficientGRPOTrainer` with ``pruning=True`` (default: the
@@ -55,12 +57,15 @@ def vote_accuracy(
     return_details: bool = False,
     calibration_prompts: int = 0,
     scorer: str = "head",
+    keep: float = 1.0,
 ) -> dict[str, Any]:
     """Majority vs score-weighted vote accuracy over ``dataset`` (rows with ``prompt`` and the reward's columns).
 
     ``scorer``: ``"head"`` (the quality head on the last-token state) or ``"deepconf"`` (DeepConf's trace
     confidence, the lowest sliding-window mean of the sampled tokens' log-probs under the policy,
     `efficient_rlvr.pruning.diagnose.deepconf`; ``head`` may then be None). ``head_auc`` is the scorer's AUC.
+    ``keep``: the fraction of each prompt's candidates that vote in the weighted vote, best-scored first
+    (`weighted_vote`).
 
     Returns ``majority_accuracy``, ``weighted_accuracy``, ``sample_accuracy`` (mean reward of single samples),
     ``oracle_accuracy`` (some sample right), ``head_auc`` (scores vs sample correctness), counts and seconds; with
@@ -78,6 +83,8 @@ def vote_accuracy(
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if scorer not in SCORERS or (scorer == "head" and head is None):
         raise ValueError(f"vote_accuracy: scorer must be one of {SCORERS} (with a head for 'head'), got {scorer!r}")
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"vote_accuracy: keep must be in (0, 1], got {keep}")
     start = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -110,7 +117,7 @@ def vote_accuracy(
         [t for ts in texts for t in ts], [i for i in range(len(rows)) for _ in range(num_samples)]
     )
     majority = [majority_vote(a) for a in answers]
-    weighted = [weighted_vote(a, s) for a, s in zip(answers, scores, strict=True)]
+    weighted = [weighted_vote(a, s, keep) for a, s in zip(answers, scores, strict=True)]
 
     def voted(choices: list[Any]) -> list[float]:
         index = [i for i, a in enumerate(choices) if a is not None]
@@ -133,6 +140,7 @@ def vote_accuracy(
         "oracle_accuracy": sum(max(r) >= 1.0 for r in per_prompt) / len(rows),
         "head_auc": roc_auc(flat_scores, torch.tensor(sample_rewards) >= 1.0),
         "votes_changed": sum(m != w for m, w in zip(majority, weighted, strict=True)),
+        "keep": keep,
         "seconds": time.perf_counter() - start,
     }
     if calibration_prompts:
@@ -191,12 +199,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--scorer", default="head", choices=SCORERS, help="weights of the weighted vote: the head, or DeepConf"
     )
+    parser.add_argument(
+        "--keep", type=float, default=1.0, help="fraction of each prompt's candidates that vote, best-scored first"
+    )
     parser.add_argument("--torch_threads", type=int, default=None)
     parser.add_argument("--output", default=None, help="write the result as JSON here")
     args = parser.parse_args(argv)
     if args.torch_threads is not None:
         torch.set_num_threads(args.torch_threads)
 
+    if not 0.0 < args.keep <= 1.0:
+        raise SystemExit(f"--keep must be in (0, 1], got {args.keep}")
     model_path = resolve_model_path(args.model)
     head = quality_head_from_state(args.state or model_path) if args.scorer == "head" else None
     tokenizer = load_tokenizer_for(model_path)
@@ -213,6 +226,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         batch_size=args.batch_size,
         calibration_prompts=args.calibration_prompts,
         scorer=args.scorer,
+        keep=args.keep,
     )
     result.update(model=model_path, state=args.state or model_path, eval_size=args.eval_size, scorer=args.scorer)
     print(

@@ -37,7 +37,10 @@ def test_diagnose_cli_reports_every_scorer_at_both_positions(tmp_path):
     assert saved["within_group_auc"] == result["within_group_auc"]
     for scorer in ("head", "deepconf", "random"):
         assert set(saved["within_group_auc"][scorer]) == {"l_detect", "last_token"}
-    assert {"majority", "weighted", "deepconf_weighted"} <= set(saved["vote"])
+    assert {"majority", "weighted", "deepconf_weighted", "deepconf_filtered"} <= set(saved["vote"])
+    assert saved["vote"]["keep"] == diagnose.VOTE_KEEP
+    slips = saved["slips"]
+    assert 0.0 <= slips["confident_slip"] <= slips["visible_slip"] <= 1.0 and slips["confident_threshold"] == 0.5
     scorers = {row["scorer"] for row in saved["table"]}
     assert scorers == {
         "bce_final",
@@ -62,3 +65,46 @@ def test_first_slip_detector_reads_running_sums():
     assert not first_slip_free("3+4=8\n8-9=-1\n")  # wrong arithmetic
     assert not first_slip_free("3+4=7\n6-9=-3\n")  # does not continue the previous result
     assert first_slip_free("3+4=7\n7-9=-")  # the last line is still being written
+
+
+def test_first_slip_line_spans_the_tokens_of_the_first_wrong_line():
+    from efficient_rlvr.pruning.diagnose import first_slip_line
+    from efficient_rlvr.run import load_tokenizer_for, resolve_model_path
+
+    tokenizer = load_tokenizer_for(resolve_model_path("embedded"))
+
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    right, wrong = "3+4=7\n", "7-9=-3\n"
+    span = first_slip_line(tokenizer, ids(right + wrong + "Answer: -3"))
+    assert span is not None
+    start, end = span
+    assert start == len(ids(right)) and tokenizer.decode(ids(right + wrong + "Answer: -3")[start:end]) == wrong
+    assert first_slip_line(tokenizer, ids("3+4=7\n7-9=-2\nAnswer: -2")) is None
+    # an unfinished last line counts as finished at the last token
+    assert first_slip_line(tokenizer, ids("3+4=8")) == (0, len(ids("3+4=8")))
+
+
+def test_slip_breakdown_separates_confident_slips():
+    """Two prompts of 4 rollouts: confidence ranks the unconfident slips below the correct rollouts (AUC 1) but the
+    confident slip above them (AUC 0); rollouts of unmixed prompts are left out."""
+    import math
+
+    from efficient_rlvr.pruning.diagnose import slip_breakdown
+
+    nan = math.nan
+    data = {
+        "labels": torch.tensor([1, 1, 0, 0, 1, 0, 0, 0, 0, 0]).bool(),
+        "groups": torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2]),
+        # least likely token on the first wrong line: p 0.9 (confident), 0.1, 0.2, none visible; prompt 2 unmixed
+        "slip_line_logprob": torch.tensor(
+            [nan, nan, math.log(0.9), math.log(0.1), nan, math.log(0.2), nan, nan, math.log(0.9), math.log(0.9)]
+        ),
+    }
+    scores = torch.tensor([0.5, 0.6, 0.9, 0.1, 0.5, 0.2, 0.3, 0.4, 0.0, 0.0])
+    out = slip_breakdown(data, scores, torch.ones(10, dtype=torch.bool))
+    assert out["wrong_rollouts"] == 5 and out["visible_slip"] == pytest.approx(3 / 5)
+    assert out["confident_slip"] == pytest.approx(1 / 5)
+    assert out["within_group_auc_vs_confident_slips"] == pytest.approx(0.0)
+    assert out["within_group_auc_vs_other_slips"] == pytest.approx(1.0)

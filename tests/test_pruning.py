@@ -222,6 +222,21 @@ def test_weighted_vote_cases():
         weighted_vote(["a"], [0.1, 0.2])
 
 
+def test_weighted_vote_keep_lets_only_the_best_scored_fraction_vote():
+    """DeepConf's filter: with keep=0.5 the two least confident "b" voters are dropped, so the confident "a" pair
+    wins a vote that the full rank-weighted vote gives to "b" (a: 1 + 0.8, b: 0.6 + 0.4 + 0.2 + 0)."""
+    answers = ["a", "b", "a", "b", "b", "b"]
+    scores = [0.9, 0.7, 0.8, 0.6, 0.1, 0.2]
+    assert weighted_vote(answers, scores) == "b"
+    assert weighted_vote(answers, scores, keep=0.5) == "a"  # voters 0.9 a, 0.8 a, 0.7 b: weights 1, 0.5, 0
+    assert weighted_vote(answers, scores, keep=1.0) == weighted_vote(answers, scores)
+    assert weighted_vote(answers, scores, keep=0.01) == "a"  # at least one voter: the best scored
+    assert weighted_vote([None, "p", "q"], [0.99, 0.5, 0.6], keep=0.5) == "q"  # None neither votes nor counts
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="keep"):
+            weighted_vote(answers, scores, keep=bad)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Quality head
 

@@ -540,8 +540,26 @@ def test_eval_vote_compares_majority_and_head_weighted_vote(run, chain_sum_split
             )
             assert score == pytest.approx(deepconf(lp.flatten().cpu(), len(comp))[1], abs=1e-4)
         assert d["weighted"] == weighted_vote(d["answers"], d["scores"])
+    # DeepConf's filter: only the most confident half of each prompt's candidates vote; same candidates and scores
+    filtered = eval_vote.vote_accuracy(
+        model,
+        tokenizer,
+        None,
+        eval_ds.select(range(6)),
+        num_samples=4,
+        max_new_tokens=40,
+        return_details=True,
+        scorer="deepconf",
+        keep=0.5,
+    )
+    assert filtered["keep"] == 0.5 and conf["keep"] == 1.0
+    for d, full in zip(filtered["details"], conf["details"], strict=True):
+        assert d["scores"] == full["scores"]
+        assert d["weighted"] == weighted_vote(d["answers"], d["scores"], keep=0.5)
     with pytest.raises(ValueError, match="scorer"):
         eval_vote.vote_accuracy(model, tokenizer, None, eval_ds.select(range(2)), scorer="head")
+    with pytest.raises(ValueError, match="keep"):
+        eval_vote.vote_accuracy(model, tokenizer, None, eval_ds.select(range(2)), scorer="deepconf", keep=0.0)
 
 
 def test_vote_falls_back_to_majority_with_an_uninformative_head(run, chain_sum_splits):

@@ -24,10 +24,18 @@ sampled, or its last token if shorter) and at its last token with:
   continue the previous line's result, else 1. Its within-group AUC at ``L_detect`` bounds what any detector of the
   errors visible by then can reach; a slip made after ``L_detect`` cannot be seen there.
 
+Why trace confidence stops short of the slip oracle: for the wrong rollouts of the measured half's mixed prompts, the
+first line whose arithmetic is wrong is located in the tokens (`first_slip_line`) and the least likely sampled token
+on it read. A slip the policy sampled with every token at p >= ``SLIP_CONFIDENT`` is a confident slip: confidence
+cannot tell such a rollout from a correct one. ``slips`` reports their share and the chosen confidence's
+within-group AUC against the confident and against the other slips separately.
+
 Reported per scorer and position on the measured half: overall AUC and within-group AUC (mean over prompts whose
 rollouts are mixed, with its standard error and the number of such prompts), and the within-group AUC per number of
 terms of the chain_sum prompt (so that difficulty cannot pass for correctness). Then the vote over the measured
-prompts: majority vs weighted by the best head variant's last-token scores (`efficient_rlvr.pruning.weighted_vote`).
+prompts: majority vs weighted by the best head variant's last-token scores (`efficient_rlvr.pruning.weighted_vote`),
+by the best DeepConf statistic's, and by that statistic with DeepConf's filter (only the most confident ``--vote_keep``
+fraction of a prompt's candidates vote).
 
 The JSON (``--output``) holds ``{"within_group_auc": {"head": {"l_detect": x, "last_token": y}, "deepconf": {...},
 "random": {...}}, "vote": {"majority": m, "weighted": w}, "table": [...], ...}``; "head" is the best head variant by
@@ -54,6 +62,8 @@ from .vote import majority_vote, weighted_vote
 _STEP = re.compile(r"^\s*(-?\d+)\s*([+-])\s*(\d+)\s*=\s*(-?\d+)\s*$")
 HEAD_STEPS = 300  # full-batch Adam steps of each offline head variant
 HEAD_LR = 3e-3
+SLIP_CONFIDENT = 0.5  # a slip whose every token was sampled with at least this probability is a confident one
+VOTE_KEEP = 0.5  # DeepConf-filtered vote: the most confident half of a prompt's candidates vote
 POSITIONS = ("l_detect", "last_token")
 
 
@@ -173,6 +183,20 @@ def first_slip_free(text: str) -> bool:
     return True
 
 
+def first_slip_line(tokenizer: Any, completion: list[int]) -> tuple[int, int] | None:
+    """Token span ``[start, end)`` of the first line of a running-sum trace that `first_slip_free` rejects: from the
+    token after the previous line's end to the token that completes the wrong line (or the last token). None when the
+    trace has no visible slip."""
+    start = 0
+    for end in range(1, len(completion) + 1):
+        text = tokenizer.decode(completion[:end], skip_special_tokens=True)
+        if text.endswith("\n") or end == len(completion):
+            if not first_slip_free(text if text.endswith("\n") else text + "\n"):
+                return start, end
+            start = end
+    return None
+
+
 def collect(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -206,6 +230,11 @@ def collect(
     prefixes = [tokenizer.decode(c[:l_detect], skip_special_tokens=True) for comps in candidates for c in comps]
     data["slip_l_detect"] = torch.tensor([float(first_slip_free(t)) for t in prefixes])
     data["slip_last_token"] = torch.tensor([float(first_slip_free(t + "\n")) for t in texts])
+    slip_line = []
+    for lp, completion in zip(logprobs, (c for comps in candidates for c in comps), strict=True):
+        span = first_slip_line(tokenizer, completion)
+        slip_line.append(float(lp[span[0] : span[1]].min()) if span and span[1] > span[0] else math.nan)
+    data["slip_line_logprob"] = torch.tensor(slip_line)  # [N] least likely token of the first wrong line; NaN: none
     columns = [c for c in dataset.column_names if c != "prompt"]
     index = [i for i in range(len(rows)) for _ in range(num_samples)]
     rewards = verifier_reward(completions=texts, **{c: [rows[i][c] for i in index] for c in columns})
@@ -291,10 +320,39 @@ def measure(scores: torch.Tensor, data: dict[str, Any], rows: torch.Tensor) -> d
     }
 
 
+def slip_breakdown(data: dict[str, Any], scores: torch.Tensor, rows: torch.Tensor) -> dict[str, Any]:
+    """Wrong rollouts of ``rows``' mixed prompts by their first slip (see the module docstring), and the within-group
+    AUC of ``scores`` against the confident slips and against the other visible slips."""
+    y, g, line = data["labels"], data["groups"], data["slip_line_logprob"]
+    mixed = torch.zeros_like(rows)
+    for group in g[rows].unique():
+        members = rows & (g == group)
+        if 0 < int(y[members].sum()) < int(members.sum()):
+            mixed |= members
+    wrong = mixed & ~y
+    visible = wrong & ~line.isnan()
+    confident = visible & (line >= math.log(SLIP_CONFIDENT))
+    n = max(int(wrong.sum()), 1)
+
+    def against(kind: torch.Tensor) -> float:
+        keep = mixed & (y | kind)
+        return within_group_auc(scores[keep], y[keep], g[keep])[0]
+
+    return {
+        "wrong_rollouts": int(wrong.sum()),
+        "visible_slip": int(visible.sum()) / n,
+        "confident_slip": int(confident.sum()) / n,
+        "confident_threshold": SLIP_CONFIDENT,
+        "within_group_auc_vs_confident_slips": against(confident),
+        "within_group_auc_vs_other_slips": against(visible & ~confident),
+    }
+
+
 def vote_accuracy(
-    data: dict[str, Any], scores: torch.Tensor, rows: torch.Tensor, num_samples: int
+    data: dict[str, Any], scores: torch.Tensor, rows: torch.Tensor, num_samples: int, keep: float = 1.0
 ) -> dict[str, float]:
-    """Majority and score-weighted vote accuracy over the prompts of ``rows`` (answers from the rollout texts)."""
+    """Majority and score-weighted vote accuracy over the prompts of ``rows`` (answers from the rollout texts);
+    ``keep``: the fraction of a prompt's candidates that vote in the weighted vote (`weighted_vote`)."""
     from efficient_rlvr.rewards import extract_answer
 
     index = rows.nonzero().flatten().tolist()
@@ -305,12 +363,18 @@ def vote_accuracy(
         answers = [extract_answer(data["texts"][i]) or None for i in group]
         right = {a for a, i in zip(answers, group, strict=True) if a is not None and bool(data["labels"][i])}
         majority += majority_vote(answers) in right
-        weighted += weighted_vote(answers, scores[group]) in right
+        weighted += weighted_vote(answers, scores[group], keep) in right
         prompts += 1
     return {"majority": majority / prompts, "weighted": weighted / prompts, "prompts": prompts}
 
 
-def diagnose(data: dict[str, Any], num_samples: int, saved_head: QualityHead | None = None, seed: int = 0) -> dict:
+def diagnose(
+    data: dict[str, Any],
+    num_samples: int,
+    saved_head: QualityHead | None = None,
+    seed: int = 0,
+    vote_keep: float = VOTE_KEEP,
+) -> dict:
     """Every scorer at both positions on the second half of the prompts; heads trained on the first half."""
     groups = data["groups"]
     half = int(groups.max()) // 2 + 1
@@ -341,7 +405,10 @@ def diagnose(data: dict[str, Any], num_samples: int, saved_head: QualityHead | N
     best = max(heads, key=lambda n: _within(table, n, "last_token"))
     best_conf = max(("deepconf_mean", "deepconf_lowest"), key=lambda n: _within(table, n, "last_token"))
     vote = vote_accuracy(data, scores[(best, "last_token")], test, num_samples)
-    vote["deepconf_weighted"] = vote_accuracy(data, scores[(best_conf, "last_token")], test, num_samples)["weighted"]
+    confidence = scores[(best_conf, "last_token")]
+    vote["deepconf_weighted"] = vote_accuracy(data, confidence, test, num_samples)["weighted"]
+    vote["deepconf_filtered"] = vote_accuracy(data, confidence, test, num_samples, vote_keep)["weighted"]
+    vote["keep"] = vote_keep
     return {
         "within_group_auc": {
             "head": {pos: _within(table, best, pos) for pos in POSITIONS},
@@ -351,6 +418,7 @@ def diagnose(data: dict[str, Any], num_samples: int, saved_head: QualityHead | N
         "chosen_head": best,
         "chosen_deepconf": best_conf,
         "vote": vote,
+        "slips": slip_breakdown(data, confidence, test),
         "table": table,
         "head_training_seconds": timings,
         "measured_rollouts": int(test.sum()),
@@ -397,12 +465,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--l_detect", type=int, default=12)
     parser.add_argument("--max_new_tokens", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--vote_keep", type=float, default=VOTE_KEEP, help="fraction of candidates in the DeepConf-filtered vote"
+    )
     parser.add_argument("--torch_threads", type=int, default=None)
     parser.add_argument("--output", default=None, help="write the result as JSON here")
     args = parser.parse_args(argv)
     for name in ("eval_size", "num_samples", "l_detect", "max_new_tokens"):
         if getattr(args, name) < (4 if name == "eval_size" else 1):
             raise SystemExit(f"--{name} must be >= {4 if name == 'eval_size' else 1}, got {getattr(args, name)}")
+    if not 0.0 < args.vote_keep <= 1.0:
+        raise SystemExit(f"--vote_keep must be in (0, 1], got {args.vote_keep}")
     if args.torch_threads is not None:
         torch.set_num_threads(args.torch_threads)
     model_path = resolve_model_path(args.model)
@@ -412,7 +485,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _, eval_ds = load_task_splits(args.dataset_name, train_size=1, eval_size=args.eval_size, seed=args.data_seed)
     start = time.perf_counter()
     data = collect(model, tokenizer, eval_ds, args.num_samples, args.l_detect, args.max_new_tokens, args.seed)
-    result = diagnose(data, args.num_samples, saved, args.seed)
+    result = diagnose(data, args.num_samples, saved, args.seed, args.vote_keep)
     result.update(
         model=model_path,
         state=args.state,
@@ -427,7 +500,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"chosen head {result['chosen_head']}: within-group AUC {w['head']['l_detect']:.3f} at L_detect, "
         f"{w['head']['last_token']:.3f} at the last token (DeepConf {w['deepconf']['last_token']:.3f}, random "
         f"{w['random']['last_token']:.3f}); vote on {v['prompts']} prompts: majority {v['majority']:.3f}, "
-        f"head-weighted {v['weighted']:.3f}, DeepConf-weighted {v['deepconf_weighted']:.3f}",
+        f"head-weighted {v['weighted']:.3f}, DeepConf-weighted {v['deepconf_weighted']:.3f}, DeepConf-filtered "
+        f"(keep {v['keep']:g}) {v['deepconf_filtered']:.3f}",
+        flush=True,
+    )
+    slips = result["slips"]
+    print(
+        f"{slips['wrong_rollouts']} wrong rollouts in mixed prompts: {slips['visible_slip']:.0%} with a visible slip, "
+        f"{slips['confident_slip']:.0%} confident slips (every token p >= {SLIP_CONFIDENT}); DeepConf within-group "
+        f"AUC {slips['within_group_auc_vs_confident_slips']:.3f} against those, "
+        f"{slips['within_group_auc_vs_other_slips']:.3f} against the other slips",
         flush=True,
     )
     if args.output:

@@ -3,7 +3,10 @@
 - :func:`majority_vote`: the most frequent answer.
 - :func:`weighted_vote`: each candidate votes for its answer with a weight from its quality-head score. Scores are
   uncalibrated, so they are turned into ranks and the ranks rescaled linearly to [0, 1]: the lowest-scored candidate
-  gets weight 0, the highest weight 1. The answer with the largest total weight wins.
+  gets weight 0, the highest weight 1. The answer with the largest total weight wins. With ``keep`` < 1 only the
+  best-scored ``keep`` fraction of the voting candidates vote (DeepConf's confidence filter, arXiv 2508.15260,
+  section 3.2: the paper keeps the top 10% or 90% of hundreds of traces; with 8 candidates a fraction near one half
+  is the useful middle), ranked among themselves.
 - :func:`choose_vote`: the weighted vote only where it beat the majority vote on recent data (e.g. held-out prompts
   set aside for it); otherwise the majority vote. A head that does not rank the candidates of one prompt makes the
   weighted vote worse than the majority vote (measured: 0.438 vs 0.557 on the embedded task), so it must earn its use.
@@ -64,17 +67,26 @@ def majority_vote(answers: Sequence[Hashable | None]) -> Hashable | None:
     return _best({a: float(c) for a, c in counts.items()}, counts, first)
 
 
-def weighted_vote(answers: Sequence[Hashable | None], scores: Sequence[float] | torch.Tensor) -> Hashable | None:
+def weighted_vote(
+    answers: Sequence[Hashable | None], scores: Sequence[float] | torch.Tensor, keep: float = 1.0
+) -> Hashable | None:
     """Rank-weighted vote: weights are the candidates' score ranks rescaled to [0, 1] (see the module docstring).
 
     Args:
         answers: one parsed answer per candidate (``None`` = no answer, does not vote).
-        scores: one quality-head score (or logit: only the order matters) per candidate.
+        scores: one quality-head score (or logit, or trace confidence: only the order matters) per candidate.
+        keep: fraction in (0, 1] of the voting candidates that vote, the best-scored first (at least one; rounded
+            to the nearest count, ties in score broken by position); 1 keeps all of them.
     """
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"weighted_vote: keep must be in (0, 1], got {keep}")
     score_list = scores.detach().reshape(-1).tolist() if isinstance(scores, torch.Tensor) else list(scores)
     if len(score_list) != len(answers):
         raise ValueError(f"answers and scores must have the same length, got {len(answers)} and {len(score_list)}")
     voters = [i for i, a in enumerate(answers) if a is not None]
+    if keep < 1.0 and voters:
+        best = sorted(voters, key=lambda i: -score_list[i])[: max(1, round(keep * len(voters)))]
+        voters = sorted(best)
     weights = rank_weights([score_list[i] for i in voters])
     totals: dict[Hashable, float] = {}
     counts: dict[Hashable, int] = {}
