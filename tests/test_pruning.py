@@ -223,12 +223,12 @@ def test_weighted_vote_cases():
 
 
 def test_weighted_vote_keep_lets_only_the_best_scored_fraction_vote():
-    """DeepConf's filter: with keep=0.5 the two least confident "b" voters are dropped, so the confident "a" pair
-    wins a vote that the full rank-weighted vote gives to "b" (a: 1 + 0.8, b: 0.6 + 0.4 + 0.2 + 0)."""
-    answers = ["a", "b", "a", "b", "b", "b"]
-    scores = [0.9, 0.7, 0.8, 0.6, 0.1, 0.2]
+    """DeepConf's filter: the full rank-weighted vote goes to the six "b" voters (b: (5+4+3+2+1+0)/7, a: (7+6)/7);
+    with keep=0.5 only the four best-scored vote (a 0.9, a 0.8, b 0.7, b 0.6: weights 1, 2/3, 1/3, 0), so "a" wins."""
+    answers = ["a", "b", "a", "b", "b", "b", "b", "b"]
+    scores = [0.9, 0.7, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2]
     assert weighted_vote(answers, scores) == "b"
-    assert weighted_vote(answers, scores, keep=0.5) == "a"  # voters 0.9 a, 0.8 a, 0.7 b: weights 1, 0.5, 0
+    assert weighted_vote(answers, scores, keep=0.5) == "a"
     assert weighted_vote(answers, scores, keep=1.0) == weighted_vote(answers, scores)
     assert weighted_vote(answers, scores, keep=0.01) == "a"  # at least one voter: the best scored
     assert weighted_vote([None, "p", "q"], [0.99, 0.5, 0.6], keep=0.5) == "q"  # None neither votes nor counts
