@@ -39,6 +39,7 @@ def test_diagnose_cli_reports_every_scorer_at_both_positions(tmp_path):
         assert set(saved["within_group_auc"][scorer]) == {"l_detect", "last_token"}
     assert {"majority", "weighted", "deepconf_weighted", "deepconf_filtered"} <= set(saved["vote"])
     assert saved["vote"]["keep"] == diagnose.VOTE_KEEP
+    assert 0 <= saved["vote"]["headroom_prompts"] <= saved["vote"]["prompts"] == 8
     slips = saved["slips"]
     assert 0.0 <= slips["confident_slip"] <= slips["visible_slip"] <= 1.0 and slips["confident_threshold"] == 0.5
     scorers = {row["scorer"] for row in saved["table"]}
@@ -108,3 +109,17 @@ def test_slip_breakdown_separates_confident_slips():
     assert out["confident_slip"] == pytest.approx(1 / 5)
     assert out["within_group_auc_vs_confident_slips"] == pytest.approx(0.0)
     assert out["within_group_auc_vs_other_slips"] == pytest.approx(1.0)
+
+
+def test_vote_headroom_counts_the_prompts_a_weighting_could_win():
+    """Prompt 0: the majority "7" is wrong, the right "5" is the most confident candidate; prompt 1: majority right;
+    prompt 2: majority wrong, the right candidate less confident than the majority's best."""
+    from efficient_rlvr.pruning.diagnose import vote_accuracy
+
+    texts = ["Answer: 7", "Answer: 7", "Answer: 5"] + ["Answer: 1", "Answer: 1", "Answer: 2"]
+    texts += ["Answer: 3", "Answer: 3", "Answer: 4"]
+    data = {"texts": texts, "labels": torch.tensor([0, 0, 1, 1, 1, 0, 0, 0, 1]).bool()}
+    scores = torch.tensor([0.2, 0.3, 0.9, 0.5, 0.5, 0.5, 0.8, 0.1, 0.4])
+    out = vote_accuracy(data, scores, torch.ones(9, dtype=torch.bool), num_samples=3)
+    assert out["prompts"] == 3 and out["majority"] == pytest.approx(1 / 3)
+    assert out["headroom_prompts"] == 2 and out["right_above_majority"] == pytest.approx(0.5)

@@ -352,20 +352,36 @@ def vote_accuracy(
     data: dict[str, Any], scores: torch.Tensor, rows: torch.Tensor, num_samples: int, keep: float = 1.0
 ) -> dict[str, float]:
     """Majority and score-weighted vote accuracy over the prompts of ``rows`` (answers from the rollout texts);
-    ``keep``: the fraction of a prompt's candidates that vote in the weighted vote (`weighted_vote`)."""
+    ``keep``: the fraction of a prompt's candidates that vote in the weighted vote (`weighted_vote`).
+
+    Also the headroom: ``headroom_prompts``, where the majority answer is wrong while some candidate is right (the
+    only prompts where any weighting can gain), and ``right_above_majority``, the share of them where a right
+    candidate scores above every candidate of the majority answer."""
     from efficient_rlvr.rewards import extract_answer
 
     index = rows.nonzero().flatten().tolist()
     majority = weighted = 0
-    prompts = 0
+    prompts = headroom = right_above = 0
     for start in range(0, len(index), num_samples):
         group = index[start : start + num_samples]
         answers = [extract_answer(data["texts"][i]) or None for i in group]
         right = {a for a, i in zip(answers, group, strict=True) if a is not None and bool(data["labels"][i])}
-        majority += majority_vote(answers) in right
+        voted = majority_vote(answers)
+        majority += voted in right
         weighted += weighted_vote(answers, scores[group], keep) in right
         prompts += 1
-    return {"majority": majority / prompts, "weighted": weighted / prompts, "prompts": prompts}
+        if right and voted not in right:  # only here can a weighted vote gain on the majority vote
+            headroom += 1
+            best = {a: max(float(scores[i]) for i, b in zip(group, answers, strict=True) if b == a) for a in right}
+            voted_best = max(float(scores[i]) for i, b in zip(group, answers, strict=True) if b == voted)
+            right_above += max(best.values()) > voted_best
+    return {
+        "majority": majority / prompts,
+        "weighted": weighted / prompts,
+        "prompts": prompts,
+        "headroom_prompts": headroom,
+        "right_above_majority": right_above / headroom if headroom else math.nan,
+    }
 
 
 def diagnose(
@@ -406,7 +422,9 @@ def diagnose(
     best_conf = max(("deepconf_mean", "deepconf_lowest"), key=lambda n: _within(table, n, "last_token"))
     vote = vote_accuracy(data, scores[(best, "last_token")], test, num_samples)
     confidence = scores[(best_conf, "last_token")]
-    vote["deepconf_weighted"] = vote_accuracy(data, confidence, test, num_samples)["weighted"]
+    by_confidence = vote_accuracy(data, confidence, test, num_samples)
+    vote["deepconf_weighted"] = by_confidence["weighted"]
+    vote["deepconf_right_above_majority"] = by_confidence["right_above_majority"]
     vote["deepconf_filtered"] = vote_accuracy(data, confidence, test, num_samples, vote_keep)["weighted"]
     vote["keep"] = vote_keep
     return {
@@ -501,7 +519,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{w['head']['last_token']:.3f} at the last token (DeepConf {w['deepconf']['last_token']:.3f}, random "
         f"{w['random']['last_token']:.3f}); vote on {v['prompts']} prompts: majority {v['majority']:.3f}, "
         f"head-weighted {v['weighted']:.3f}, DeepConf-weighted {v['deepconf_weighted']:.3f}, DeepConf-filtered "
-        f"(keep {v['keep']:g}) {v['deepconf_filtered']:.3f}",
+        f"(keep {v['keep']:g}) {v['deepconf_filtered']:.3f}; on the {v['headroom_prompts']} prompts whose majority "
+        f"answer is wrong while a candidate is right, a right candidate is the most confident in "
+        f"{v['deepconf_right_above_majority']:.0%}",
         flush=True,
     )
     slips = result["slips"]
