@@ -506,6 +506,18 @@ def test_confidence_scorer_scores_the_sampled_tokens_and_learns_nothing():
         head.load_state_dict(state)
 
 
+def test_deepconf_statistics_by_hand():
+    from efficient_rlvr.pruning.confidence import deepconf
+
+    values = torch.tensor([-0.1, -0.2, -3.0, -0.1, -0.1, -0.5])
+    mean, lowest = deepconf(values, 6)
+    assert mean == pytest.approx(-4.0 / 6) and lowest == pytest.approx((-0.2 - 3.0 - 0.1 - 0.1) / 4)
+    assert deepconf(values, 3) == pytest.approx((-3.3 / 3, -3.3 / 3))  # shorter than the window: one window
+    assert deepconf(values, 0) == (0.0, 0.0)
+    unknown = torch.tensor([-0.1, float("-inf"), -0.1, -0.1, -0.1, -0.1])  # vLLM's NaN, read as least confident
+    assert deepconf(unknown, 6)[1] == float("-inf")
+
+
 def test_confidence_scorer_needs_the_engines_logprobs():
     cb = OnlinePruningCallback(QualityHead(WIDTH), BinnedCalibrator(), l_detect=2, scorer="confidence")
     with pytest.raises(RuntimeError, match="logprobs=0"):
