@@ -511,7 +511,7 @@ def test_deepconf_statistics_by_hand():
 
     values = torch.tensor([-0.1, -0.2, -3.0, -0.1, -0.1, -0.5])
     mean, lowest = deepconf(values, 6)
-    assert mean == pytest.approx(-4.0 / 6) and lowest == pytest.approx((-0.2 - 3.0 - 0.1 - 0.1) / 4)
+    assert mean == pytest.approx(-4.0 / 6) and lowest == pytest.approx((-3.0 - 0.1 - 0.1 - 0.5) / 4)
     assert deepconf(values, 3) == pytest.approx((-3.3 / 3, -3.3 / 3))  # shorter than the window: one window
     assert deepconf(values, 0) == (0.0, 0.0)
     unknown = torch.tensor([-0.1, float("-inf"), -0.1, -0.1, -0.1, -0.1])  # vLLM's NaN, read as least confident
