@@ -6,7 +6,7 @@ log-probabilities over windows of 2,048 tokens, here the sampled token's log-pro
 completions of ~10-45 tokens). vLLM returns the sampled tokens' log-probs with every step (TRL asks for
 ``logprobs=0``), so the score costs no forward pass. On the embedded task it ranks the rollouts of one prompt better
 than the quality head does (``docs/head/head.json``: within-group AUC 0.70 at ``L_detect``, 0.77 at the last token,
-against 0.60 / 0.62 for the best head), which is what ARRoL's pruning needs (``pruning_scorer="confidence"``).
+against 0.60 / 0.63 for the best head), which is what ARRoL's pruning needs (``pruning_scorer="confidence"``).
 """
 
 from __future__ import annotations
