@@ -520,16 +520,21 @@ def test_eval_vote_compares_majority_and_head_weighted_vote(run, chain_sum_split
 
     model = run["trainer"].accelerator.unwrap_model(run["trainer"].model)
     tokenizer = run["trainer"].processing_class
-    conf = eval_vote.vote_accuracy(
-        model,
-        tokenizer,
-        None,
-        eval_ds.select(range(6)),
-        num_samples=4,
-        max_new_tokens=40,
-        return_details=True,
-        scorer="deepconf",
-    )
+
+    def deepconf_vote(**keep: float) -> dict:
+        return eval_vote.vote_accuracy(
+            model,
+            tokenizer,
+            None,
+            eval_ds.select(range(6)),
+            num_samples=4,
+            max_new_tokens=40,
+            return_details=True,
+            scorer="deepconf",
+            **keep,
+        )
+
+    conf = deepconf_vote()  # keep's default
     for d in conf["details"]:
         ids = d["prompt_ids"]
         for score, comp in zip(d["scores"], d["completion_ids"], strict=True):  # one forward per candidate, unpadded
@@ -541,17 +546,7 @@ def test_eval_vote_compares_majority_and_head_weighted_vote(run, chain_sum_split
             assert score == pytest.approx(deepconf(lp.flatten().cpu(), len(comp))[1], abs=1e-4)
         assert d["weighted"] == weighted_vote(d["answers"], d["scores"])
     # DeepConf's filter: only the most confident half of each prompt's candidates vote; same candidates and scores
-    filtered = eval_vote.vote_accuracy(
-        model,
-        tokenizer,
-        None,
-        eval_ds.select(range(6)),
-        num_samples=4,
-        max_new_tokens=40,
-        return_details=True,
-        scorer="deepconf",
-        keep=0.5,
-    )
+    filtered = deepconf_vote(keep=0.5)
     assert filtered["keep"] == 0.5 and conf["keep"] == 1.0
     for d, full in zip(filtered["details"], conf["details"], strict=True):
         assert d["scores"] == full["scores"]

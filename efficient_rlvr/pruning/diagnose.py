@@ -229,11 +229,12 @@ def collect(
     texts = [tokenizer.decode(c, skip_special_tokens=True) for comps in candidates for c in comps]
     prefixes = [tokenizer.decode(c[:l_detect], skip_special_tokens=True) for comps in candidates for c in comps]
     data["slip_l_detect"] = torch.tensor([float(first_slip_free(t)) for t in prefixes])
-    data["slip_last_token"] = torch.tensor([float(first_slip_free(t + "\n")) for t in texts])
-    slip_line = []
-    for lp, completion in zip(logprobs, (c for comps in candidates for c in comps), strict=True):
-        span = first_slip_line(tokenizer, completion)
-        slip_line.append(float(lp[span[0] : span[1]].min()) if span and span[1] > span[0] else math.nan)
+    spans = [first_slip_line(tokenizer, c) for comps in candidates for c in comps]  # None: no visible slip
+    data["slip_last_token"] = torch.tensor([float(span is None) for span in spans])
+    slip_line = [
+        float(lp[span[0] : span[1]].min()) if span and span[1] > span[0] else math.nan
+        for lp, span in zip(logprobs, spans, strict=True)
+    ]
     data["slip_line_logprob"] = torch.tensor(slip_line)  # [N] least likely token of the first wrong line; NaN: none
     columns = [c for c in dataset.column_names if c != "prompt"]
     index = [i for i in range(len(rows)) for _ in range(num_samples)]
