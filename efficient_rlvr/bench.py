@@ -97,6 +97,19 @@ def _pruning(*flags: str) -> list[str]:
 
 
 # variant name -> flags added to the recipe.
+# V0.5's flags (the `v05` row and the preset's `efficient_v05`): k_init = num_generations = 4 for the same prompts per
+# step (half the recipe's rows), prior-fused baseline, then "rollout more" up to k_max 16.
+_V05 = [
+    "--budget_baseline",
+    "true",
+    "--budget_adaptive",
+    "true",
+    "--num_generations",
+    "4",
+    "--per_device_train_batch_size_fraction",
+    "0.5",
+]
+
 VARIANTS: dict[str, list[str]] = {
     "trl": ["--trainer", "trl"],
     # Methods off: must train exactly like `trl` (tests prove it bitwise); a sanity row for timing noise.
@@ -141,18 +154,7 @@ VARIANTS: dict[str, list[str]] = {
     # Cost-Aware GRPO: draws = 70% of the rollouts per step.
     "cost_aware": ["--trainer", "efficient", "--cost_aware_sampling", "true", "--cost_num_draws_fraction", "0.7"],
     # V0.5: k_init = num_generations = 4 for the same prompts per step, then "rollout more" up to k_max 16.
-    "v05": [
-        "--trainer",
-        "efficient",
-        "--budget_baseline",
-        "true",
-        "--budget_adaptive",
-        "true",
-        "--num_generations",
-        "4",
-        "--per_device_train_batch_size_fraction",
-        "0.5",
-    ],
+    "v05": ["--trainer", "efficient", *_V05],
     # HES Pos-High / Neg-Rand: half of each group's correct / incorrect rollouts kept for the loss.
     "hes": ["--trainer", "efficient", "--hes_selection", "true"],
     # ARRoL with its quality head and gate.
@@ -190,22 +192,7 @@ VARIANTS: dict[str, list[str]] = {
     # The preset plus V0.5: prior-fused baseline, k_init = 4 rollouts per prompt for the same prompts per step, then
     # "rollout more" up to k_max 16 where the baseline pays for it (the rollout-side lever for issue 15's DAPO
     # target); the same time cap.
-    "efficient_v05": [
-        "--trainer",
-        "efficient",
-        "--preset_recipe",
-        "efficient",
-        "--budget_baseline",
-        "true",
-        "--budget_adaptive",
-        "true",
-        "--num_generations",
-        "4",
-        "--per_device_train_batch_size_fraction",
-        "0.5",
-        "--max_steps_scale",
-        "2.5",
-    ],
+    "efficient_v05": ["--trainer", "efficient", "--preset_recipe", "efficient", *_V05, "--max_steps_scale", "2.5"],
 }
 CORE_VARIANTS = ("trl", "dynamic_sampling", "skip", "efficient")
 # A variant with `--max_steps_scale` also stops once its training clock passes vanilla's (same seed, when that run
